@@ -1,0 +1,200 @@
+"""Audio reading, silence trimming, 64-filter fbank features and the per-utterance feature cache.
+
+Features are python_speech_features' fbank (25 ms windows, 10 ms hop, NFFT 512, pre-emphasis 0.97,
+no log), computed with vectorised numpy, each frame normalised to zero mean and unit std.
+"""
+
+import logging
+import os
+import uuid
+from collections import defaultdict
+from functools import lru_cache
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from python_speech_features import get_filterbanks
+from tqdm import tqdm
+
+from constants import (
+    AUDIO_EXTENSIONS,
+    CACHE_SUBDIR,
+    FRAME_LENGTH_S,
+    FRAME_STEP_S,
+    NFFT,
+    NORMALIZE_EPSILON,
+    NUM_FBANKS,
+    PREEMPHASIS,
+    SAMPLE_RATE,
+    SILENCE_PERCENTILE,
+    SKIPPED_FILES_REPORT,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class AudioError(ValueError):
+    """An audio file that cannot become features; the message names the file and the reason."""
+
+
+def frame_length(sample_rate: int = SAMPLE_RATE) -> int:
+    """Samples per 25 ms analysis window (400 at 16 kHz)."""
+    return int(round(FRAME_LENGTH_S * sample_rate))
+
+
+def frame_step(sample_rate: int = SAMPLE_RATE) -> int:
+    """Samples per 10 ms hop (160 at 16 kHz)."""
+    return int(round(FRAME_STEP_S * sample_rate))
+
+
+def read_audio(path: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Returns the file's samples as float32 mono at `sample_rate` Hz, shape (samples,), range [-1, 1]."""
+    try:
+        audio, file_rate = sf.read(path, dtype='float32', always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise AudioError(f'{path}: not a readable wav/flac file ({e}); remove or re-encode it.') from None
+    audio = audio.mean(axis=1)
+    if file_rate != sample_rate and len(audio) > 0:
+        import librosa  # slow to import: only when a file needs resampling.
+        audio = librosa.resample(audio, orig_sr=file_rate, target_sr=sample_rate).astype(np.float32)
+    return audio
+
+
+def trim_silence(audio: np.ndarray, path: str = '<array>') -> np.ndarray:
+    """Returns the span between the first and last sample louder than the 95th percentile of |audio|."""
+    energy = np.abs(audio)
+    if len(audio) == 0 or not np.any(energy > 0):
+        raise AudioError(f'{path}: empty or silent audio; remove it from the data set.')
+    loud = np.flatnonzero(energy > np.percentile(energy, SILENCE_PERCENTILE))
+    if len(loud) == 0:  # a constant-amplitude signal: nothing is louder than the percentile.
+        return audio
+    return audio[loud[0]:loud[-1]]
+
+
+@lru_cache(maxsize=4)
+def mel_matrix(sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """python_speech_features' triangular mel filterbank, transposed: shape (NFFT // 2 + 1, NUM_FBANKS)."""
+    return get_filterbanks(NUM_FBANKS, NFFT, sample_rate).T.astype(np.float32)
+
+
+def fbank(signal: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Mel filterbank energies (no log) of a mono signal, as python_speech_features.fbank computes them.
+
+    signal: shape (samples,), at least one 25 ms frame long. Returns float32, shape (frames, NUM_FBANKS),
+    frames = 1 + ceil((samples - 400) / 160) at 16 kHz (the last frame zero-padded).
+    """
+    length, step = frame_length(sample_rate), frame_step(sample_rate)
+    signal = np.asarray(signal, dtype=np.float32)
+    emphasised = np.append(signal[0], signal[1:] - PREEMPHASIS * signal[:-1])
+    num_frames = 1 + int(np.ceil((len(signal) - length) / step))
+    padded = np.pad(emphasised, (0, (num_frames - 1) * step + length - len(signal)))
+    frames = np.lib.stride_tricks.sliding_window_view(padded, length)[::step]
+    power = np.square(np.abs(np.fft.rfft(frames, NFFT))) / NFFT
+    energies = power.astype(np.float32) @ mel_matrix(sample_rate)
+    return np.where(energies == 0, np.finfo(float).eps, energies).astype(np.float32)
+
+
+def normalize_frames(features: np.ndarray, epsilon: float = NORMALIZE_EPSILON) -> np.ndarray:
+    """Each row (frame) to zero mean and unit standard deviation; shape unchanged."""
+    std = np.maximum(features.std(axis=1, keepdims=True), epsilon)
+    return (features - features.mean(axis=1, keepdims=True)) / std
+
+
+def mfcc_fbank(signal: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Normalised fbank features of a mono signal: float32, shape (frames, NUM_FBANKS)."""
+    return normalize_frames(fbank(signal, sample_rate)).astype(np.float32)
+
+
+def read_mfcc(input_filename: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Reads a file, trims its silence and returns its normalised fbank: float32, shape (frames, NUM_FBANKS)."""
+    audio = trim_silence(read_audio(input_filename, sample_rate), input_filename)
+    if len(audio) < frame_length(sample_rate):
+        raise AudioError(f'{input_filename}: shorter than one {int(FRAME_LENGTH_S * 1000)} ms frame after '
+                         f'trimming silence; remove it from the data set.')
+    return mfcc_fbank(audio, sample_rate)
+
+
+def find_audio_files(audio_dir: str) -> list[Path]:
+    """Every .flac/.wav under `audio_dir`, sorted."""
+    return sorted(p for p in Path(audio_dir).rglob('*') if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+
+
+def speaker_of(audio_file: Path, audio_dir: Path) -> str:
+    """The speaker folder of a file: `speaker/chapter/utt.flac` (LibriSpeech) or `speaker/utt.wav`."""
+    depth = len(audio_file.relative_to(audio_dir).parts) - 1
+    return audio_file.parent.name if depth == 1 else audio_file.parent.parent.name
+
+
+def save_npy_atomically(path: Path, array: np.ndarray) -> None:
+    """Writes `array` to `path` through a uniquely named temporary file, so `path` is whole or absent."""
+    tmp = path.with_name(f'.{path.stem}.{uuid.uuid4().hex}.tmp.npy')
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _cache_one(job: tuple[str, str, int]) -> str | None:
+    """Pool worker: features of one file into its cache path. Returns an error message, or None on success."""
+    audio_file, cache_file, sample_rate = job
+    try:
+        save_npy_atomically(Path(cache_file), read_mfcc(audio_file, sample_rate))
+    except AudioError as e:
+        return str(e)
+    return None
+
+
+class Audio:
+    """Per-utterance fbank cache `<cache_dir>/audio-fbanks/<speaker>/<utterance>.npy` and its speaker index."""
+
+    def __init__(self, cache_dir: str, audio_dir: str | None = None, sample_rate: int = SAMPLE_RATE,
+                 workers: int | None = None):
+        self.cache_dir = Path(cache_dir).expanduser() / CACHE_SUBDIR
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        if audio_dir is not None:
+            self.build_cache(Path(audio_dir).expanduser(), sample_rate, workers or os.cpu_count() or 1)
+        self.speakers_to_utterances = self._index()
+
+    @property
+    def speaker_ids(self) -> list[str]:
+        return sorted(self.speakers_to_utterances)
+
+    def _index(self) -> dict[str, dict[str, Path]]:
+        index = defaultdict(dict)
+        for cache_file in sorted(self.cache_dir.glob('*/*.npy')):
+            if not cache_file.name.startswith('.'):
+                index[cache_file.parent.name][cache_file.stem] = cache_file
+        return dict(index)
+
+    def build_cache(self, audio_dir: Path, sample_rate: int, workers: int) -> None:
+        """Caches every file of `audio_dir` not cached yet, in parallel; bad files are skipped and reported."""
+        if not audio_dir.is_dir():
+            raise FileNotFoundError(f'--audio_dir {audio_dir}: no such directory.')
+        files = find_audio_files(str(audio_dir))
+        if not files:
+            raise FileNotFoundError(f'--audio_dir {audio_dir}: no .flac or .wav files; expected '
+                                    f'speaker/chapter/utterance.flac (LibriSpeech) or speaker/utterance.wav.')
+        jobs = []
+        for audio_file in files:
+            target = self.cache_dir / speaker_of(audio_file, audio_dir) / f'{audio_file.stem}.npy'
+            if not target.exists():
+                target.parent.mkdir(exist_ok=True)
+                jobs.append((str(audio_file), str(target), sample_rate))
+        logger.info('%d audio files, %d already cached, %d to compute.', len(files), len(files) - len(jobs), len(jobs))
+        errors = []
+        with get_context('spawn').Pool(workers) as pool:
+            results = pool.imap_unordered(_cache_one, jobs, chunksize=max(1, len(jobs) // (workers * 16)))
+            for error in tqdm(results, total=len(jobs), desc='Building fbank cache', unit='file'):
+                if error is not None:
+                    errors.append(error)
+        self._report_skipped(errors)
+
+    def _report_skipped(self, errors: list[str]) -> None:
+        report = self.cache_dir.parent / SKIPPED_FILES_REPORT
+        if errors:
+            report.write_text('\n'.join(sorted(errors)) + '\n')
+            logger.warning('Skipped %d bad audio files, listed in %s.', len(errors), report)
+        else:
+            report.unlink(missing_ok=True)

@@ -1,0 +1,199 @@
+"""Model inputs: fixed-length crops of cached features, the per-speaker train/test split, the Keras input
+files (kx/ky train/test, memory-mapped) and the triplet batcher with its triplet-selection seam."""
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import dill
+import numpy as np
+from tqdm import tqdm
+
+from audio import Audio
+from constants import COUNTS_PER_SPEAKER, KERAS_INPUTS_SUBDIR, NUM_FBANKS, NUM_FRAMES, TRAIN_TEST_RATIO
+
+logger = logging.getLogger(__name__)
+
+
+class Source(NamedTuple):
+    """A span of frames [start, end) of one cached utterance (end None: to the end)."""
+    path: Path
+    start: int = 0
+    end: int | None = None
+
+
+def sample_from_mfcc(mfcc: np.ndarray, max_length: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """A crop of `max_length` frames with a channel axis: shape (max_length, NUM_FBANKS, 1).
+
+    With `rng` the crop starts at a random frame (training); without, it is the centre crop, so the same
+    features always give the same crop. Shorter features are zero-padded at the end.
+    """
+    excess = len(mfcc) - max_length
+    if excess >= 0:
+        start = int(rng.integers(0, excess + 1)) if rng is not None else excess // 2
+        crop = mfcc[start:start + max_length]
+    else:
+        crop = np.concatenate([mfcc, np.zeros((-excess, mfcc.shape[1]), dtype=mfcc.dtype)])
+    return np.asarray(crop, dtype=np.float32)[..., np.newaxis]
+
+
+def load_source(source: Source) -> np.ndarray:
+    """The frames of a source, memory-mapped: shape (frames, NUM_FBANKS)."""
+    return np.load(source.path, mmap_mode='r')[source.start:source.end]
+
+
+def train_test_sources(utterances: list[Path], ratio: float = TRAIN_TEST_RATIO) -> tuple[list[Source], list[Source]]:
+    """Splits one speaker's utterances: the first `ratio` of them for training, the rest for testing.
+
+    A speaker with a single utterance is split in time instead: its first `ratio` of frames train, the rest test.
+    """
+    utterances = sorted(utterances)
+    if len(utterances) == 1:
+        num_frames = len(np.load(utterances[0], mmap_mode='r'))
+        split = int(num_frames * ratio)
+        return [Source(utterances[0], 0, split)], [Source(utterances[0], split, None)]
+    num_train = min(len(utterances) - 1, max(1, int(len(utterances) * ratio)))
+    return [Source(u) for u in utterances[:num_train]], [Source(u) for u in utterances[num_train:]]
+
+
+class SparseCategoricalSpeakers:
+    """Maps speaker ids to softmax class indices (sorted order)."""
+
+    def __init__(self, speakers_list):
+        self.speaker_ids = sorted(speakers_list)
+        if len(set(self.speaker_ids)) != len(self.speaker_ids):
+            raise ValueError('speaker ids must be unique.')
+        self.map = {speaker: index for index, speaker in enumerate(self.speaker_ids)}
+
+    def get_index(self, speaker_id: str) -> int:
+        return self.map[speaker_id]
+
+
+def write_npy_atomically(path: Path, shape: tuple, dtype, fill: Callable[[np.ndarray], None]) -> None:
+    """Creates `path` as a memory-mapped .npy of `shape`, filled by `fill(array)`, renamed into place when whole."""
+    tmp = path.with_name(f'.{path.name}.tmp')
+    array = np.lib.format.open_memmap(tmp, mode='w+', dtype=dtype, shape=shape)
+    fill(array)
+    array.flush()
+    del array
+    os.replace(tmp, path)
+
+
+class KerasFormatConverter:
+    """Builds and reads `<working_dir>/keras-inputs/`: kx_train.npy (n, 160, 64, 1) float32 crops, ky_train.npy
+    (n,) int32 class indices, the same for test, and categorical_speakers.pkl (dill)."""
+
+    def __init__(self, working_dir: str):
+        self.working_dir = Path(working_dir).expanduser()
+        self.output_dir = self.working_dir / KERAS_INPUTS_SUBDIR
+        self.audio = Audio(cache_dir=str(self.working_dir))
+        if not self.audio.speakers_to_utterances:
+            raise FileNotFoundError(f'--working_dir {self.working_dir}: no cached features; run build-mfcc-cache '
+                                    f'(./deep-speaker build_mfcc) first.')
+        self.categorical_speakers = SparseCategoricalSpeakers(self.audio.speaker_ids)
+
+    def path(self, name: str) -> Path:
+        return self.output_dir / name
+
+    def is_built(self, counts_per_speaker, seed: int) -> bool:
+        meta = self.path('meta.json')
+        return meta.exists() and json.loads(meta.read_text()) == self.meta(counts_per_speaker, seed)
+
+    def meta(self, counts_per_speaker, seed: int) -> dict:
+        return {'counts_per_speaker': list(counts_per_speaker), 'seed': seed,
+                'speakers': self.categorical_speakers.speaker_ids}
+
+    def generate(self, max_length: int = NUM_FRAMES, counts_per_speaker=COUNTS_PER_SPEAKER, seed: int = 0) -> None:
+        """Writes the four arrays and the speaker map; does nothing when they exist for the same settings."""
+        if self.is_built(counts_per_speaker, seed):
+            logger.info('%s is up to date; nothing to do.', self.output_dir)
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.path('meta.json').unlink(missing_ok=True)
+        rng = np.random.default_rng(seed)
+        splits = {s: train_test_sources(list(u.values())) for s, u in self.audio.speakers_to_utterances.items()}
+        for phase, count in zip(('train', 'test'), counts_per_speaker, strict=True):
+            sources = {speaker: split[phase == 'test'] for speaker, split in splits.items()}
+            self.generate_per_phase(phase, sources, count, max_length, rng)
+        with open(self.path('categorical_speakers.pkl'), 'wb') as w:
+            dill.dump(self.categorical_speakers, w)
+        self.path('meta.json').write_text(json.dumps(self.meta(counts_per_speaker, seed)))
+
+    def generate_per_phase(self, phase: str, sources: dict[str, list[Source]], num_per_speaker: int,
+                           max_length: int, rng: np.random.Generator) -> None:
+        speakers = self.categorical_speakers.speaker_ids
+        total = len(speakers) * num_per_speaker
+
+        def fill_x(kx: np.ndarray) -> None:
+            for i, speaker in enumerate(tqdm(speakers, desc=f'Building kx_{phase}', unit='speaker')):
+                features = [load_source(s) for s in sources[speaker]]
+                for j in range(num_per_speaker):
+                    kx[i * num_per_speaker + j] = sample_from_mfcc(features[rng.integers(len(features))],
+                                                                   max_length, rng)
+
+        def fill_y(ky: np.ndarray) -> None:
+            ky[:] = np.repeat(np.arange(len(speakers), dtype=np.int32), num_per_speaker)
+
+        write_npy_atomically(self.path(f'kx_{phase}.npy'), (total, max_length, NUM_FBANKS, 1), np.float32, fill_x)
+        write_npy_atomically(self.path(f'ky_{phase}.npy'), (total,), np.int32, fill_y)
+
+    def load(self, phase: str) -> tuple[np.ndarray, np.ndarray]:
+        """Memory-mapped (kx, ky) of 'train' or 'test'."""
+        if not self.path('meta.json').exists():
+            raise FileNotFoundError(f'--working_dir {self.working_dir}: no model inputs in {self.output_dir}; run '
+                                    f'build-keras-inputs (./deep-speaker build_model_inputs) first.')
+        return (np.load(self.path(f'kx_{phase}.npy'), mmap_mode='r'),
+                np.load(self.path(f'ky_{phase}.npy'), mmap_mode='r'))
+
+    @property
+    def num_speakers(self) -> int:
+        return len(self.categorical_speakers.speaker_ids)
+
+
+TripletSelector = Callable[['TripletBatcher', int], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def random_triplets(batcher: 'TripletBatcher', n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices of n (anchor, positive, negative) crops: random speakers, two distinct crops of each, and a crop
+    of another speaker."""
+    rng, labels = batcher.rng, batcher.labels
+    speakers = rng.choice(batcher.speakers, size=n)
+    anchors, positives = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+    for k, speaker in enumerate(speakers):
+        anchors[k], positives[k] = rng.choice(batcher.indices_of[speaker], size=2, replace=False)
+    negatives = rng.integers(len(labels), size=n)
+    while np.any(same := labels[negatives] == labels[anchors]):
+        negatives[same] = rng.integers(len(labels), size=int(same.sum()))
+    return anchors, positives, negatives
+
+
+class TripletBatcher:
+    """Triplet batches [anchors; positives; negatives] from memory-mapped crops `kx` with class labels `ky`.
+
+    Which crops make a triplet is the `selector`'s choice (random_triplets by default): hard-negative mining
+    plugs in there.
+    """
+
+    def __init__(self, kx: np.ndarray, ky: np.ndarray, seed: int, selector: TripletSelector = random_triplets):
+        self.kx, self.labels = kx, np.asarray(ky)
+        self.speakers = np.unique(self.labels)
+        if len(self.speakers) < 2:
+            raise ValueError('triplet training needs at least 2 speakers.')
+        self.indices_of = {s: np.flatnonzero(self.labels == s) for s in self.speakers}
+        too_few = [int(s) for s, idx in self.indices_of.items() if len(idx) < 2]
+        if too_few:
+            raise ValueError(f'speakers {too_few} have fewer than 2 crops; raise --counts_per_speaker.')
+        self.rng = np.random.default_rng(seed)
+        self.selector = selector
+
+    def get_batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """x: (3 * (batch_size // 3), 160, 64, 1) float32; y: zeros (Keras needs a target)."""
+        anchors, positives, negatives = self.selector(self, batch_size // 3)
+        indices = np.concatenate([anchors, positives, negatives])
+        order = np.argsort(indices)
+        x = np.empty((len(indices),) + self.kx.shape[1:], dtype=np.float32)
+        x[order] = self.kx[indices[order]]
+        return x, np.zeros(len(indices), dtype=np.float32)

@@ -1,0 +1,146 @@
+"""Command-line entry points of deep-speaker (click): cache features, build model inputs, train, evaluate."""
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import click  # noqa: E402
+
+from constants import (  # noqa: E402
+    BATCH_SIZE,
+    CHECKPOINTS_TRIPLET_DIR,
+    COUNTS_PER_SPEAKER,
+    DEFAULT_SEED,
+    DEFAULT_WORKING_DIR,
+    NUM_FRAMES,
+    SAMPLE_RATE,
+    TRIPLET_LEARNING_RATE,
+)
+
+VERSION = '2.0.0'
+logger = logging.getLogger('deep-speaker')
+
+working_dir_option = click.option('--working_dir', default=DEFAULT_WORKING_DIR, show_default=True,
+                                  type=click.Path(file_okay=False),
+                                  help='Holds the feature cache, model inputs, checkpoints and logs.')
+width_option = click.option('--width', default=1.0, show_default=True, type=click.FloatRange(min=0.01),
+                            help='Multiplier of the ResCNN filters (64/128/256/512). 1.0 is the paper\'s model; '
+                                 '0.25 trains fast on a CPU.')
+seed_option = click.option('--seed', default=DEFAULT_SEED, show_default=True, type=int,
+                           help='Seed of crop sampling, batch construction and weight initialisation.')
+
+
+def fail(message: str) -> None:
+    """Prints a one-line error and exits with status 1."""
+    click.echo(f'Error: {message}', err=True)
+    sys.exit(1)
+
+
+@click.group()
+@click.option('--verbose', is_flag=True, help='Debug logging.')
+def cli(verbose: bool):
+    """Deep Speaker: speaker embeddings with a ResCNN trained by softmax then triplet loss."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+
+
+@cli.command()
+def version():
+    """Prints the version of deep-speaker."""
+    click.echo(VERSION)
+
+
+@cli.command('build-mfcc-cache')
+@working_dir_option
+@click.option('--audio_dir', required=True, type=click.Path(),
+              help='Audio tree: speaker/chapter/utterance.flac (LibriSpeech) or speaker/utterance.wav.')
+@click.option('--sample_rate', default=SAMPLE_RATE, show_default=True, type=int, help='Rate audio is resampled to.')
+@click.option('--workers', default=None, type=click.IntRange(min=1), help='Processes [default: all cores].')
+def build_mfcc_cache(working_dir, audio_dir, sample_rate, workers):
+    """Caches the normalised fbank of every utterance in WORKING_DIR/audio-fbanks (resumable)."""
+    from audio import Audio
+    try:
+        audio = Audio(cache_dir=working_dir, audio_dir=audio_dir, sample_rate=sample_rate, workers=workers)
+    except FileNotFoundError as e:
+        fail(str(e))
+    num_utterances = sum(len(u) for u in audio.speakers_to_utterances.values())
+    logger.info('Cache holds %d utterances of %d speakers.', num_utterances, len(audio.speaker_ids))
+
+
+@cli.command('build-keras-inputs')
+@working_dir_option
+@click.option('--counts_per_speaker', default=','.join(map(str, COUNTS_PER_SPEAKER)), show_default=True,
+              help='Training and test crops per speaker, "TRAIN,TEST".')
+@seed_option
+def build_keras_inputs(working_dir, counts_per_speaker, seed):
+    """Samples fixed-length crops per speaker into WORKING_DIR/keras-inputs (kx/ky train/test .npy)."""
+    from batcher import KerasFormatConverter
+    try:
+        counts = tuple(int(c) for c in counts_per_speaker.split(','))
+    except ValueError:
+        counts = ()
+    if len(counts) != 2 or min(counts) < 2:
+        fail(f'--counts_per_speaker {counts_per_speaker}: expected two integers >= 2, e.g. 600,100.')
+    try:
+        KerasFormatConverter(working_dir).generate(NUM_FRAMES, counts, seed)
+    except FileNotFoundError as e:
+        fail(str(e))
+
+
+@cli.command('train-model')
+@working_dir_option
+@click.option('--pre_training_phase/--no_pre_training_phase', default=False, show_default=True,
+              help='Softmax pre-training, or triplet training (initialised from the best softmax checkpoint).')
+@click.option('--epochs', default=1000, show_default=True, type=click.IntRange(min=1),
+              help='Total epochs of the phase; a resumed run trains up to this number.')
+@click.option('--steps_per_epoch', default=None, type=click.IntRange(min=1),
+              help='Batches per epoch [default: softmax one pass over kx_train, triplet 100].')
+@click.option('--batch_size', default=BATCH_SIZE, show_default=True, type=click.IntRange(min=3))
+@click.option('--learning_rate', default=TRIPLET_LEARNING_RATE, show_default=True, type=float,
+              help='SGD learning rate of the triplet phase.')
+@width_option
+@seed_option
+def train_model(working_dir, pre_training_phase, epochs, steps_per_epoch, batch_size, learning_rate, width, seed):
+    """Trains one phase; checkpoints go to WORKING_DIR/checkpoints-softmax or checkpoints-triplets."""
+    from conv_models import CheckpointError
+    from train import train_softmax, train_triplet
+    try:
+        if pre_training_phase:
+            best = train_softmax(working_dir, epochs, steps_per_epoch, width, batch_size, seed)
+        else:
+            best = train_triplet(working_dir, epochs, steps_per_epoch or 100, width, batch_size, seed,
+                                 learning_rate)
+    except (FileNotFoundError, CheckpointError) as e:
+        fail(str(e))
+    logger.info('Best checkpoint: %s', best)
+
+
+@cli.command('test-model')
+@working_dir_option
+@click.option('--checkpoint_file', default=None, type=click.Path(dir_okay=False),
+              help=f'Checkpoint to evaluate (.keras, .weights.h5 or Keras-2 .h5) '
+                   f'[default: WORKING_DIR/{CHECKPOINTS_TRIPLET_DIR}/ResCNN_best.keras].')
+@click.option('--width', default=None, type=click.FloatRange(min=0.01),
+              help='Filter multiplier of the checkpoint\'s model [default: read from a .keras file, else 1.0].')
+@seed_option
+def test_model(working_dir, checkpoint_file, width, seed):
+    """Anchor / positive / 99 negatives evaluation on the held-out audio of the cached speakers."""
+    from conv_models import CheckpointError, DeepSpeakerModel, checkpoint_width, load_checkpoint
+    from test import eval_model
+    from train import best_checkpoint
+    checkpoint_file = checkpoint_file or str(best_checkpoint(Path(working_dir) / CHECKPOINTS_TRIPLET_DIR))
+    try:
+        dsm = DeepSpeakerModel(width=width or checkpoint_width(checkpoint_file))
+        load_checkpoint(dsm.m, checkpoint_file)
+        fm, tpr, acc, eer = eval_model(working_dir, dsm, seed)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    click.echo(f'f-measure = {fm:.4f}, true positive rate = {tpr:.4f}, accuracy = {acc:.4f}, '
+               f'equal error rate = {eer:.4f}')
+
+
+if __name__ == '__main__':
+    cli()

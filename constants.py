@@ -1,0 +1,52 @@
+"""Every constant of deep-speaker in one place: audio, features, model, training, evaluation, paths."""
+
+import os
+
+# Audio and features.
+SAMPLE_RATE = 16000  # Hz: every file is resampled to this rate, mono.
+NUM_FBANKS = 64  # mel filters per frame.
+FRAME_LENGTH_S = 0.025  # 25 ms analysis window.
+FRAME_STEP_S = 0.010  # 10 ms hop.
+NFFT = 512  # FFT size of each frame.
+PREEMPHASIS = 0.97  # python_speech_features' default pre-emphasis coefficient.
+SILENCE_PERCENTILE = 95  # samples louder than this percentile of |x| mark the start and end of speech.
+NORMALIZE_EPSILON = 1e-12  # floor of a frame's standard deviation.
+AUDIO_EXTENSIONS = ('.flac', '.wav')
+
+# Model inputs.
+NUM_FRAMES = 160  # frames per training crop: 1.6 s.
+TRAIN_TEST_RATIO = 0.8  # per speaker: first 80 % of utterances (or of the frames of a lone utterance) for training.
+COUNTS_PER_SPEAKER = (600, 100)  # crops per speaker in kx_train / kx_test.
+
+# Model.
+EMBEDDING_SIZE = 512
+RESCNN_FILTERS = (64, 128, 256, 512)  # one stage each; scaled by --width.
+CLIPPED_RELU_MAX = 20.0
+L2_WEIGHT_DECAY = 1e-4
+SOFTMAX_DROPOUT = 0.5
+
+# Training.
+BATCH_SIZE = 96  # 32 triplets in the triplet phase.
+SOFTMAX_LEARNING_RATE = 1e-3
+TRIPLET_LEARNING_RATE = 1e-3
+TRIPLET_MOMENTUM = 0.9
+TRIPLET_ALPHA = 0.1  # margin of the triplet loss, on cosine similarities.
+TRIPLET_VALIDATION_BATCHES = 8
+EARLY_STOPPING_PATIENCE = 20
+REDUCE_LR_PATIENCE = 10
+REDUCE_LR_FACTOR = 0.5
+MIN_LEARNING_RATE = 1e-5
+
+# Evaluation (original protocol).
+NUM_NEGATIVE_SPEAKERS = 99
+EVAL_THRESHOLD_STEP = 0.001
+
+# Working directory layout.
+DEFAULT_WORKING_DIR = os.path.expanduser('~/.deep-speaker-wd')
+CACHE_SUBDIR = 'audio-fbanks'
+SKIPPED_FILES_REPORT = 'skipped-files.txt'
+KERAS_INPUTS_SUBDIR = 'keras-inputs'
+CHECKPOINTS_SOFTMAX_DIR = 'checkpoints-softmax'
+CHECKPOINTS_TRIPLET_DIR = 'checkpoints-triplets'
+LOGS_SUBDIR = 'logs'
+DEFAULT_SEED = 123

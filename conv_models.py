@@ -1,0 +1,217 @@
+"""Deep Speaker's ResCNN (Li et al. 2017) in Keras 3, with the original implementation's layer names, and
+checkpoint loading by layer name from `.keras`, `.weights.h5` and Keras-2 `.h5` files."""
+
+import json
+import logging
+import os
+import zipfile
+
+import h5py
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers, regularizers
+
+from audio import frame_length, frame_step, mel_matrix
+from constants import (
+    CLIPPED_RELU_MAX,
+    EMBEDDING_SIZE,
+    L2_WEIGHT_DECAY,
+    NFFT,
+    NORMALIZE_EPSILON,
+    NUM_FBANKS,
+    NUM_FRAMES,
+    PREEMPHASIS,
+    RESCNN_FILTERS,
+    SAMPLE_RATE,
+    SOFTMAX_DROPOUT,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not exist or does not fit the model; the message names the file and the fix."""
+
+
+@keras.saving.register_keras_serializable(package='deep_speaker')
+class PcmToFbank(layers.Layer):
+    """Raw 16 kHz audio (batch, samples) to audio.py's normalised fbank (batch, frames, NUM_FBANKS, 1), in-graph.
+
+    Expects audio whose silence is already trimmed (audio.trim_silence), at least one 25 ms frame long.
+    """
+
+    def __init__(self, sample_rate: int = SAMPLE_RATE, **kwargs):
+        super().__init__(**kwargs)
+        self.sample_rate = sample_rate
+
+    def call(self, pcm):
+        length, step = frame_length(self.sample_rate), frame_step(self.sample_rate)
+        emphasised = tf.concat([pcm[:, :1], pcm[:, 1:] - PREEMPHASIS * pcm[:, :-1]], axis=1)
+        num_samples = tf.shape(pcm)[1]
+        num_frames = 1 + (num_samples - length + step - 1) // step
+        padded = tf.pad(emphasised, [[0, 0], [0, (num_frames - 1) * step + length - num_samples]])
+        frames = tf.signal.frame(padded, length, step)
+        power = tf.square(tf.abs(tf.signal.rfft(frames, [NFFT]))) / NFFT
+        energies = tf.matmul(power, tf.constant(mel_matrix(self.sample_rate)))
+        energies = tf.where(energies == 0, tf.constant(np.finfo(float).eps, tf.float32), energies)
+        mean, variance = tf.nn.moments(energies, axes=[-1], keepdims=True)
+        normalised = (energies - mean) / tf.maximum(tf.sqrt(variance), NORMALIZE_EPSILON)
+        return normalised[..., tf.newaxis]
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0], None, NUM_FBANKS, 1
+
+    def get_config(self):
+        return {**super().get_config(), 'sample_rate': self.sample_rate}
+
+
+class DeepSpeakerModel:
+    """ResCNN speaker embedder; the Keras model is `.m`.
+
+    Input: normalised fbank, shape (batch, frames, 64, 1) (frames: NUM_FRAMES for training crops, any number at
+    inference), or with `pcm_input` raw 16 kHz audio (batch, samples). Output: L2-normalised embeddings
+    (batch, 512), or with `include_softmax` speaker probabilities (batch, num_speakers_softmax).
+    `width` scales the filters of the four stages (64, 128, 256, 512): 1.0 is the paper's model.
+    """
+
+    def __init__(self, batch_input_shape=(None, NUM_FRAMES, NUM_FBANKS, 1), include_softmax: bool = False,
+                 num_speakers_softmax: int | None = None, pcm_input: bool = False, width: float = 1.0):
+        if include_softmax and not (num_speakers_softmax and num_speakers_softmax > 1):
+            raise ValueError(f'num_speakers_softmax={num_speakers_softmax}: a softmax head needs 2 or more speakers.')
+        self.include_softmax = include_softmax
+        self.filters = [max(1, int(round(f * width))) for f in RESCNN_FILTERS]
+        self.clipped_relu_count = 0
+        if pcm_input:
+            inputs = keras.Input(batch_shape=(batch_input_shape[0], None), name='input')
+            x = PcmToFbank(name='fbank')(inputs)
+        else:
+            inputs = keras.Input(batch_shape=batch_input_shape, name='input')
+            x = inputs
+        x = self.cnn_component(x)
+        x = layers.Reshape((-1, (NUM_FBANKS // 16) * self.filters[-1]), name='reshape')(x)
+        x = layers.GlobalAveragePooling1D(name='average')(x)
+        if include_softmax:
+            x = layers.Dropout(SOFTMAX_DROPOUT, name='dropout')(x)
+        x = layers.Dense(EMBEDDING_SIZE, name='affine')(x)
+        if include_softmax:
+            x = layers.Dense(num_speakers_softmax, activation='softmax', name='softmax_layer')(x)
+        else:
+            x = layers.UnitNormalization(axis=1, name='ln')(x)
+        self.m = keras.Model(inputs, x, name='ResCNN')
+
+    def keras_model(self) -> keras.Model:
+        return self.m
+
+    def get_weights(self) -> list[np.ndarray]:
+        """The model's weights without the softmax head's kernel and bias."""
+        weights = self.m.get_weights()
+        return weights[:-2] if self.include_softmax else weights
+
+    def clipped_relu(self, inputs):
+        relu = layers.ReLU(max_value=CLIPPED_RELU_MAX, name=f'clipped_relu_{self.clipped_relu_count}')(inputs)
+        self.clipped_relu_count += 1
+        return relu
+
+    @staticmethod
+    def conv(filters: int, kernel_size: int, strides: int, name: str) -> layers.Conv2D:
+        return layers.Conv2D(filters, kernel_size=kernel_size, strides=strides, padding='same',
+                             kernel_initializer='glorot_uniform',
+                             kernel_regularizer=regularizers.l2(L2_WEIGHT_DECAY), name=name)
+
+    def identity_block(self, input_tensor, kernel_size: int, filters: int, stage: int, block: int):
+        name = f'res{stage}_{block}_branch'
+        x = self.conv(filters, kernel_size, 1, name + '_2a')(input_tensor)
+        x = layers.BatchNormalization(name=name + '_2a_bn')(x)
+        x = self.clipped_relu(x)
+        x = self.conv(filters, kernel_size, 1, name + '_2b')(x)
+        x = layers.BatchNormalization(name=name + '_2b_bn')(x)
+        x = self.clipped_relu(x)
+        x = layers.add([x, input_tensor])
+        return self.clipped_relu(x)
+
+    def conv_and_res_block(self, inputs, filters: int, stage: int):
+        name = f'conv{RESCNN_FILTERS[stage - 1]}-s'
+        x = self.conv(filters, 5, 2, name)(inputs)
+        x = layers.BatchNormalization(name=name + '_bn')(x)
+        x = self.clipped_relu(x)
+        for block in range(3):
+            x = self.identity_block(x, kernel_size=3, filters=filters, stage=stage, block=block)
+        return x
+
+    def cnn_component(self, inputs):
+        x = inputs
+        for stage, filters in enumerate(self.filters, start=1):
+            x = self.conv_and_res_block(x, filters, stage)
+        return x
+
+
+def weighted_layer_names(model: keras.Model) -> list[str]:
+    """Names of the model's layers that own weights."""
+    return [layer.name for layer in model.layers if layer.weights]
+
+
+def legacy_h5_layer_names(path: str) -> set[str]:
+    """Layers that hold weights in a Keras-2 HDF5 file (weights-only or full-model save)."""
+    with h5py.File(path, 'r') as f:
+        group = f['model_weights'] if 'layer_names' not in f.attrs and 'model_weights' in f else f
+        if 'layer_names' not in group.attrs:
+            raise CheckpointError(f'{path}: not a Keras-2 HDF5 file (no layer_names); a Keras 3 weights file must '
+                                  f'end in .weights.h5.')
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs['layer_names']]
+        return {n for n in names if len(group[n].attrs.get('weight_names', [])) > 0}
+
+
+def copy_weights_by_name(source: keras.Model, target: keras.Model) -> None:
+    """Sets each weighted layer of `target` from the layer of the same name in `source`, where there is one."""
+    source_layers = {layer.name: layer for layer in source.layers}
+    for name in weighted_layer_names(target):
+        if name in source_layers:
+            target.get_layer(name).set_weights(source_layers[name].get_weights())
+
+
+def checkpoint_width(path: str) -> float:
+    """The filter multiplier of the ResCNN in a .keras checkpoint, read from its config; 1.0 for other files."""
+    if not (path.endswith('.keras') and os.path.isfile(path)):
+        return 1.0
+    with zipfile.ZipFile(path) as archive:
+        config = json.loads(archive.read('config.json'))
+    stem = next(layer for layer in config['config']['layers'] if layer['name'] == 'conv64-s')
+    return stem['config']['filters'] / RESCNN_FILTERS[0]
+
+
+def load_checkpoint(model: keras.Model, path: str) -> list[str]:
+    """Loads weights into `model` by layer name; returns the weighted layers the checkpoint had nothing for.
+
+    `.keras` (full model, ours), `.weights.h5` (Keras 3 weights, same architecture) and Keras-2 `.h5`
+    (the published ResCNN checkpoints) are accepted. Raises CheckpointError when no layer gets weights or
+    a layer's shapes differ (another model, width or number of speakers).
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f'--checkpoint_file {path}: no such file; train a model first or fix the path.')
+    expected = weighted_layer_names(model)
+    try:
+        if path.endswith('.keras'):
+            source = keras.saving.load_model(path, compile=False)
+            copy_weights_by_name(source, model)
+            present = set(weighted_layer_names(source))
+        elif path.endswith('.weights.h5'):
+            model.load_weights(path)
+            present = set(expected)
+        elif path.endswith(('.h5', '.hdf5')):
+            present = legacy_h5_layer_names(path)
+            model.load_weights(path, by_name=True)
+        else:
+            raise CheckpointError(f'{path}: unknown checkpoint format; expected .keras, .weights.h5 or .h5.')
+    except (ValueError, KeyError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        message = str(e).splitlines()[0]
+        raise CheckpointError(f'{path}: does not fit this model ({message}); check --model, --width and the '
+                              f'number of speakers it was trained on.') from None
+    missing = [name for name in expected if name not in present]
+    if len(missing) == len(expected):
+        raise CheckpointError(f'{path}: none of the model\'s layers is in this checkpoint; check --model.')
+    if missing:
+        logger.warning('%s: no weights for layers %s; they keep their initial values.', path, ', '.join(missing))
+    return missing

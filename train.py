@@ -1,0 +1,201 @@
+"""The two training phases: softmax pre-training and triplet training, streamed with tf.data from the
+memory-mapped model inputs, checkpointed atomically and resumed from the last finished epoch."""
+
+import json
+import logging
+import math
+import os
+import uuid
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from batcher import KerasFormatConverter, TripletBatcher
+from constants import (
+    BATCH_SIZE,
+    CHECKPOINTS_SOFTMAX_DIR,
+    CHECKPOINTS_TRIPLET_DIR,
+    EARLY_STOPPING_PATIENCE,
+    LOGS_SUBDIR,
+    MIN_LEARNING_RATE,
+    NUM_FBANKS,
+    NUM_FRAMES,
+    REDUCE_LR_FACTOR,
+    REDUCE_LR_PATIENCE,
+    SOFTMAX_LEARNING_RATE,
+    TRIPLET_LEARNING_RATE,
+    TRIPLET_MOMENTUM,
+    TRIPLET_VALIDATION_BATCHES,
+)
+from conv_models import DeepSpeakerModel, load_checkpoint
+from triplet_loss import deep_speaker_loss
+
+logger = logging.getLogger(__name__)
+
+CROP_SPEC = tf.TensorSpec((None, NUM_FRAMES, NUM_FBANKS, 1), tf.float32)
+
+
+class AtomicCheckpoint(keras.callbacks.Callback):
+    """After each epoch saves `<name>_last.keras` (model and optimizer, for resuming) and, when `monitor`
+    improves, `<name>_best.keras`; `state.json` records the epoch and best value. Writes go through a
+    temporary file and a rename, so a killed write never leaves a checkpoint that loads wrong."""
+
+    def __init__(self, directory: Path, name: str, monitor: str, mode: str):
+        super().__init__()
+        self.directory, self.name, self.monitor, self.mode = directory, name, monitor, mode
+        self.best = read_state(directory).get('best')
+
+    def improved(self, value: float) -> bool:
+        return self.best is None or (value > self.best if self.mode == 'max' else value < self.best)
+
+    def save(self, filename: str) -> None:
+        tmp = self.directory / f'.{uuid.uuid4().hex}.tmp.keras'
+        try:
+            self.model.save(tmp)
+            os.replace(tmp, self.directory / filename)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = float((logs or {}).get(self.monitor, np.nan))
+        if not np.isnan(value) and self.improved(value):
+            self.best = value
+            self.save(f'{self.name}_best.keras')
+            logger.info('Epoch %d: %s = %.4f, new best checkpoint.', epoch + 1, self.monitor, value)
+        self.save(f'{self.name}_last.keras')
+        state = {'epoch': epoch + 1, 'best': self.best, 'monitor': self.monitor}
+        tmp = self.directory / '.state.json.tmp'
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.directory / 'state.json')
+
+
+def read_state(directory: Path) -> dict:
+    """The phase's progress ({'epoch': finished epochs, 'best': best monitored value}), {} before the first epoch."""
+    path = directory / 'state.json'
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def best_checkpoint(directory: Path, name: str = 'ResCNN') -> Path:
+    """Path of a phase's best checkpoint (it may not exist yet)."""
+    return directory / f'{name}_best.keras'
+
+
+def softmax_dataset(kx: np.ndarray, ky: np.ndarray, batch_size: int, seed: int | None) -> tf.data.Dataset:
+    """Batches of (crops, labels) read from the memory maps; shuffled and repeated when `seed` is given."""
+    def gather(indices):
+        indices = np.sort(indices)
+        return kx[indices], ky[indices]
+
+    dataset = tf.data.Dataset.range(len(kx))
+    if seed is not None:
+        dataset = dataset.shuffle(len(kx), seed=seed, reshuffle_each_iteration=True).repeat()
+    dataset = dataset.batch(batch_size).map(
+        lambda idx: tf.numpy_function(gather, [idx], (tf.float32, tf.int32)), num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.map(lambda x, y: (tf.ensure_shape(x, CROP_SPEC.shape), tf.ensure_shape(y, (None,))))
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def triplet_dataset(batcher: TripletBatcher, batch_size: int) -> tf.data.Dataset:
+    """An endless stream of triplet batches from `batcher`."""
+    def batches():
+        while True:
+            yield batcher.get_batch(batch_size)
+
+    signature = (CROP_SPEC, tf.TensorSpec((None,), tf.float32))
+    return tf.data.Dataset.from_generator(batches, output_signature=signature).prefetch(2)
+
+
+def phase_callbacks(directory: Path, working_dir: Path, phase: str, monitor: str, mode: str) -> list:
+    return [AtomicCheckpoint(directory, 'ResCNN', monitor, mode),
+            keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=REDUCE_LR_FACTOR,
+                                              patience=REDUCE_LR_PATIENCE, min_lr=MIN_LEARNING_RATE),
+            keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, min_delta=0.001,
+                                          patience=EARLY_STOPPING_PATIENCE),
+            keras.callbacks.CSVLogger(str(directory / 'history.csv'), append=True),
+            keras.callbacks.TensorBoard(log_dir=str(working_dir / LOGS_SUBDIR / phase))]
+
+
+def resumed_or_new(directory: Path, new_model) -> tuple[keras.Model, int]:
+    """The phase's last checkpoint with its optimizer state and finished epochs, or `new_model()` and 0."""
+    last = directory / 'ResCNN_last.keras'
+    epoch = read_state(directory).get('epoch', 0)
+    if last.exists() and epoch > 0:
+        logger.info('Resuming from %s after epoch %d.', last, epoch)
+        return keras.saving.load_model(last, custom_objects={'deep_speaker_loss': deep_speaker_loss}), epoch
+    return new_model(), 0
+
+
+def fit(model: keras.Model, initial_epoch: int, epochs: int, train, validation, steps_per_epoch: int,
+        callbacks: list) -> None:
+    if initial_epoch >= epochs:
+        logger.info('Already trained %d epochs (asked for %d); nothing to do. Raise --epochs to go on.',
+                    initial_epoch, epochs)
+        return
+    model.fit(train, validation_data=validation, epochs=epochs, initial_epoch=initial_epoch,
+              steps_per_epoch=steps_per_epoch, callbacks=callbacks, shuffle=False, verbose=2)
+
+
+def train_softmax(working_dir: str, epochs: int, steps_per_epoch: int | None = None, width: float = 1.0,
+                  batch_size: int = BATCH_SIZE, seed: int = 0) -> Path:
+    """Softmax pre-training on kx_train, validated on kx_test; returns the best checkpoint's path."""
+    keras.utils.set_random_seed(seed)
+    working_dir = Path(working_dir).expanduser()
+    converter = KerasFormatConverter(str(working_dir))
+    kx_train, ky_train = converter.load('train')
+    kx_test, ky_test = converter.load('test')
+    directory = working_dir / CHECKPOINTS_SOFTMAX_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def new_model():
+        dsm = DeepSpeakerModel(include_softmax=True, num_speakers_softmax=converter.num_speakers, width=width)
+        dsm.m.compile(optimizer=keras.optimizers.Adam(SOFTMAX_LEARNING_RATE),
+                      loss='sparse_categorical_crossentropy', metrics=['accuracy'])
+        return dsm.m
+
+    model, initial_epoch = resumed_or_new(directory, new_model)
+    logger.info('Softmax phase: %d speakers, %d training crops, %s parameters.', converter.num_speakers,
+                len(kx_train), f'{model.count_params():,}')
+    steps = steps_per_epoch or math.ceil(len(kx_train) / batch_size)
+    fit(model, initial_epoch, epochs, softmax_dataset(kx_train, ky_train, batch_size, seed),
+        softmax_dataset(kx_test, ky_test, batch_size, None), steps,
+        phase_callbacks(directory, working_dir, 'softmax', 'val_accuracy', 'max'))
+    return best_checkpoint(directory)
+
+
+def train_triplet(working_dir: str, epochs: int, steps_per_epoch: int = 100, width: float = 1.0,
+                  batch_size: int = BATCH_SIZE, seed: int = 0, learning_rate: float = TRIPLET_LEARNING_RATE) -> Path:
+    """Triplet training (SGD, deep_speaker_loss) started from the best softmax checkpoint when there is one;
+    returns the best checkpoint's path (by val_loss on fixed triplets of kx_test)."""
+    keras.utils.set_random_seed(seed)
+    working_dir = Path(working_dir).expanduser()
+    converter = KerasFormatConverter(str(working_dir))
+    kx_train, ky_train = converter.load('train')
+    kx_test, ky_test = converter.load('test')
+    directory = working_dir / CHECKPOINTS_TRIPLET_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def new_model():
+        dsm = DeepSpeakerModel(width=width)
+        pre_trained = best_checkpoint(working_dir / CHECKPOINTS_SOFTMAX_DIR)
+        if pre_trained.exists():
+            logger.info('Initialising from the softmax checkpoint %s.', pre_trained)
+            load_checkpoint(dsm.m, str(pre_trained))
+        else:
+            logger.warning('No softmax checkpoint in %s: triplet training starts from random weights.',
+                           pre_trained.parent)
+        dsm.m.compile(optimizer=keras.optimizers.SGD(learning_rate, momentum=TRIPLET_MOMENTUM),
+                      loss=deep_speaker_loss)
+        return dsm.m
+
+    model, initial_epoch = resumed_or_new(directory, new_model)
+    train_batcher = TripletBatcher(kx_train, ky_train, seed=seed + initial_epoch)
+    test_batcher = TripletBatcher(kx_test, ky_test, seed=seed)
+    validation = [test_batcher.get_batch(batch_size) for _ in range(TRIPLET_VALIDATION_BATCHES)]
+    validation = (np.concatenate([x for x, _ in validation]), np.concatenate([y for _, y in validation]))
+    validation = tf.data.Dataset.from_tensor_slices(validation).batch(3 * (batch_size // 3))
+    logger.info('Triplet phase: %d speakers, %s parameters.', converter.num_speakers, f'{model.count_params():,}')
+    fit(model, initial_epoch, epochs, triplet_dataset(train_batcher, batch_size), validation, steps_per_epoch,
+        phase_callbacks(directory, working_dir, 'triplet', 'val_loss', 'min'))
+    return best_checkpoint(directory)

@@ -1,0 +1,22 @@
+"""Deep Speaker's triplet loss on cosine similarities."""
+
+from keras import ops
+
+from constants import TRIPLET_ALPHA
+
+
+def batch_cosine_similarity(x1, x2):
+    """Row-wise cosine similarity of two (batch, dims) tensors: shape (batch,)."""
+    return ops.sum(ops.normalize(x1, axis=1) * ops.normalize(x2, axis=1), axis=1)
+
+
+def deep_speaker_loss(y_true, y_pred, alpha: float = TRIPLET_ALPHA):
+    """Mean over triplets of max(s_an - s_ap + alpha, 0).
+
+    y_pred: embeddings (3n, dims) laid out [anchors; positives; negatives]; y_true is ignored (Keras needs one).
+    """
+    split = ops.shape(y_pred)[0] // 3
+    anchor, positive, negative = y_pred[:split], y_pred[split:2 * split], y_pred[2 * split:3 * split]
+    s_ap = batch_cosine_similarity(anchor, positive)
+    s_an = batch_cosine_similarity(anchor, negative)
+    return ops.mean(ops.maximum(s_an - s_ap + alpha, 0.0))
