@@ -62,13 +62,13 @@ def read_audio(path: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
 
 
 def trim_silence(audio: np.ndarray, path: str = '<array>') -> np.ndarray:
-    """Returns the span between the first and last sample louder than the 95th percentile of |audio|."""
+    """Returns the span between the first and last sample at least as loud as the 95th percentile of |audio|."""
     energy = np.abs(audio)
+    if not np.all(np.isfinite(energy)):
+        raise AudioError(f'{path}: contains NaN or infinite samples; re-encode or remove it.')
     if len(audio) == 0 or not np.any(energy > 0):
         raise AudioError(f'{path}: empty or silent audio; remove it from the data set.')
-    loud = np.flatnonzero(energy > np.percentile(energy, SILENCE_PERCENTILE))
-    if len(loud) == 0:  # a constant-amplitude signal: nothing is louder than the percentile.
-        return audio
+    loud = np.flatnonzero((energy >= np.percentile(energy, SILENCE_PERCENTILE)) & (energy > 0))
     return audio[loud[0]:loud[-1]]
 
 
@@ -176,14 +176,17 @@ class Audio:
         if not files:
             raise FileNotFoundError(f'--audio_dir {audio_dir}: no .flac or .wav files; expected '
                                     f'speaker/chapter/utterance.flac (LibriSpeech) or speaker/utterance.wav.')
-        jobs = []
+        jobs, errors = [], []
         for audio_file in files:
+            if audio_file.parent == audio_dir:
+                errors.append(f'{audio_file}: not inside a speaker folder; expected speaker/utterance.wav or '
+                              f'speaker/chapter/utterance.flac under --audio_dir.')
+                continue
             target = self.cache_dir / speaker_of(audio_file, audio_dir) / f'{audio_file.stem}.npy'
             if not target.exists():
                 target.parent.mkdir(exist_ok=True)
                 jobs.append((str(audio_file), str(target), sample_rate))
-        logger.info('%d audio files, %d already cached, %d to compute.', len(files), len(files) - len(jobs), len(jobs))
-        errors = []
+        logger.info('%d audio files, %d to compute.', len(files), len(jobs))
         with get_context('spawn').Pool(workers) as pool:
             results = pool.imap_unordered(_cache_one, jobs, chunksize=max(1, len(jobs) // (workers * 16)))
             for error in tqdm(results, total=len(jobs), desc='Building fbank cache', unit='file'):

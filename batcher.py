@@ -98,17 +98,19 @@ class KerasFormatConverter:
     def path(self, name: str) -> Path:
         return self.output_dir / name
 
-    def is_built(self, counts_per_speaker, seed: int) -> bool:
+    def is_built(self, settings: dict) -> bool:
         meta = self.path('meta.json')
-        return meta.exists() and json.loads(meta.read_text()) == self.meta(counts_per_speaker, seed)
+        return meta.exists() and json.loads(meta.read_text()) == settings
 
-    def meta(self, counts_per_speaker, seed: int) -> dict:
-        return {'counts_per_speaker': list(counts_per_speaker), 'seed': seed,
+    def settings(self, max_length: int, counts_per_speaker, seed: int) -> dict:
+        """What the inputs are built from, recorded in meta.json: a change rebuilds them."""
+        return {'max_length': max_length, 'counts_per_speaker': list(counts_per_speaker), 'seed': seed,
                 'speakers': self.categorical_speakers.speaker_ids}
 
     def generate(self, max_length: int = NUM_FRAMES, counts_per_speaker=COUNTS_PER_SPEAKER, seed: int = 0) -> None:
         """Writes the four arrays and the speaker map; does nothing when they exist for the same settings."""
-        if self.is_built(counts_per_speaker, seed):
+        settings = self.settings(max_length, counts_per_speaker, seed)
+        if self.is_built(settings):
             logger.info('%s is up to date; nothing to do.', self.output_dir)
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -120,7 +122,7 @@ class KerasFormatConverter:
             self.generate_per_phase(phase, sources, count, max_length, rng)
         with open(self.path('categorical_speakers.pkl'), 'wb') as w:
             dill.dump(self.categorical_speakers, w)
-        self.path('meta.json').write_text(json.dumps(self.meta(counts_per_speaker, seed)))
+        self.path('meta.json').write_text(json.dumps(settings))
 
     def generate_per_phase(self, phase: str, sources: dict[str, list[Source]], num_per_speaker: int,
                            max_length: int, rng: np.random.Generator) -> None:

@@ -72,7 +72,8 @@ class DeepSpeakerModel:
     Input: normalised fbank, shape (batch, frames, 64, 1) (frames: NUM_FRAMES for training crops, any number at
     inference), or with `pcm_input` raw 16 kHz audio (batch, samples). Output: L2-normalised embeddings
     (batch, 512), or with `include_softmax` speaker probabilities (batch, num_speakers_softmax).
-    `width` scales the filters of the four stages (64, 128, 256, 512): 1.0 is the paper's model.
+    `width` scales the filters of the four stages (64, 128, 256, 512): 1.0 is the paper's model; the first stage
+    gets round(64 * width) filters and each later stage twice as many as the one before.
     """
 
     def __init__(self, batch_input_shape=(None, NUM_FRAMES, NUM_FBANKS, 1), include_softmax: bool = False,
@@ -80,7 +81,8 @@ class DeepSpeakerModel:
         if include_softmax and not (num_speakers_softmax and num_speakers_softmax > 1):
             raise ValueError(f'num_speakers_softmax={num_speakers_softmax}: a softmax head needs 2 or more speakers.')
         self.include_softmax = include_softmax
-        self.filters = [max(1, int(round(f * width))) for f in RESCNN_FILTERS]
+        base = max(1, int(round(RESCNN_FILTERS[0] * width)))
+        self.filters = [base * f // RESCNN_FILTERS[0] for f in RESCNN_FILTERS]
         self.clipped_relu_count = 0
         if pcm_input:
             inputs = keras.Input(batch_shape=(batch_input_shape[0], None), name='input')
@@ -188,7 +190,7 @@ def load_checkpoint(model: keras.Model, path: str) -> list[str]:
     a layer's shapes differ (another model, width or number of speakers).
     """
     if not os.path.isfile(path):
-        raise CheckpointError(f'--checkpoint_file {path}: no such file; train a model first or fix the path.')
+        raise CheckpointError(f'{path}: no such checkpoint file; train a model first or fix the path.')
     expected = weighted_layer_names(model)
     try:
         if path.endswith('.keras'):
@@ -203,7 +205,7 @@ def load_checkpoint(model: keras.Model, path: str) -> list[str]:
             model.load_weights(path, by_name=True)
         else:
             raise CheckpointError(f'{path}: unknown checkpoint format; expected .keras, .weights.h5 or .h5.')
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, OSError) as e:
         if isinstance(e, CheckpointError):
             raise
         message = str(e).splitlines()[0]

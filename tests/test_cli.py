@@ -1,0 +1,100 @@
+"""End to end through the command line: the whole pipeline on samples/ at a tiny width, resuming, the
+README's example and the one-line errors of bad input."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+AUDIO_DIR = ROOT / 'samples' / 'LibriSpeech' / 'test-other'
+TINY = ['--width', '0.125', '--batch_size', '24']
+METRICS_LINE = re.compile(r'f-measure = ([\d.]+), true positive rate = ([\d.]+), accuracy = ([\d.]+), '
+                          r'equal error rate = ([\d.]+)')
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f'{args} exited {result.returncode}:\n{result.stderr[-3000:]}')
+    return result
+
+
+@pytest.fixture(scope='module')
+def trained_dir(tmp_path_factory) -> Path:
+    """A working dir after the whole pipeline: cache, inputs, one softmax and one triplet epoch."""
+    wd = tmp_path_factory.mktemp('wd')
+    run('cli.py', 'build-mfcc-cache', '--working_dir', str(wd), '--audio_dir', str(AUDIO_DIR))
+    run('cli.py', 'build-keras-inputs', '--working_dir', str(wd), '--counts_per_speaker', '8,4')
+    run('cli.py', 'train-model', '--working_dir', str(wd), '--pre_training_phase', '--epochs', '1',
+        '--steps_per_epoch', '2', *TINY)
+    run('cli.py', 'train-model', '--working_dir', str(wd), '--epochs', '1', '--steps_per_epoch', '2', *TINY)
+    return wd
+
+
+def test_pipeline_writes_every_stage(trained_dir):
+    assert len(list((trained_dir / 'audio-fbanks').glob('*/*.npy'))) == 100
+    for name in ('kx_train.npy', 'ky_train.npy', 'kx_test.npy', 'ky_test.npy', 'categorical_speakers.pkl'):
+        assert (trained_dir / 'keras-inputs' / name).is_file()
+    for phase in ('checkpoints-softmax', 'checkpoints-triplets'):
+        assert (trained_dir / phase / 'ResCNN_best.keras').is_file()
+        assert json.loads((trained_dir / phase / 'state.json').read_text())['epoch'] == 1
+        assert (trained_dir / phase / 'history.csv').read_text().count('\n') == 2
+
+
+def test_test_model_prints_the_four_metrics(trained_dir):
+    result = run('cli.py', 'test-model', '--working_dir', str(trained_dir))
+    match = METRICS_LINE.search(result.stdout)
+    assert match, result.stdout
+    assert all(0.0 <= float(value) <= 1.0 for value in match.groups())
+    again = run('cli.py', 'test-model', '--working_dir', str(trained_dir))
+    assert METRICS_LINE.search(again.stdout).groups() == match.groups()
+
+
+def test_triplet_phase_resumes_from_its_last_epoch(trained_dir):
+    result = run('cli.py', 'train-model', '--working_dir', str(trained_dir), '--epochs', '2', '--steps_per_epoch',
+                 '2', *TINY)
+    assert 'Resuming from' in result.stderr and 'after epoch 1' in result.stderr
+    assert 'Epoch 2/2' in result.stdout and 'Epoch 1/2' not in result.stdout
+    state = json.loads((trained_dir / 'checkpoints-triplets' / 'state.json').read_text())
+    assert state['epoch'] == 2
+    done = run('cli.py', 'train-model', '--working_dir', str(trained_dir), '--epochs', '2', *TINY)
+    assert 'nothing to do' in done.stderr
+
+
+def test_example_compares_the_sample_speakers(trained_dir):
+    result = run('example.py', str(trained_dir / 'checkpoints-triplets' / 'ResCNN_best.keras'))
+    lines = result.stdout.strip().splitlines()
+    assert [line.split()[0] + ' ' + line.split()[1] for line in lines] == ['SAME SPEAKER'] * 3 + ['DIFF SPEAKER']
+    assert all(-1.0 <= float(line.rsplit(' ', 1)[1]) <= 1.0 for line in lines)
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path):
+    result = run('cli.py', 'test-model', '--working_dir', str(tmp_path), '--checkpoint_file',
+                 str(tmp_path / 'nope.h5'), check=False)
+    assert result.returncode == 1
+    assert 'Traceback' not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (f'Error: {tmp_path / "nope.h5"}: no such checkpoint file; '
+                                                      f'train a model first or fix the path.')
+
+
+def test_stage_without_its_inputs_names_the_stage_to_run_first(tmp_path):
+    result = run('cli.py', 'build-keras-inputs', '--working_dir', str(tmp_path), check=False)
+    assert result.returncode == 1 and 'build-mfcc-cache' in result.stderr
+    assert 'Traceback' not in result.stderr
+
+
+def test_missing_audio_dir_is_a_one_line_error(tmp_path):
+    result = run('cli.py', 'build-mfcc-cache', '--working_dir', str(tmp_path), '--audio_dir',
+                 str(tmp_path / 'absent'), check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == f'Error: --audio_dir {tmp_path / "absent"}: no such directory.'
+
+
+def test_unknown_pipeline_task_prints_usage_and_fails():
+    result = subprocess.run([str(ROOT / 'deep-speaker'), 'no_such_task'], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert 'Unknown task: no_such_task' in result.stderr and 'Usage: ./deep-speaker TASK' in result.stderr
