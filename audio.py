@@ -7,10 +7,12 @@ no log), computed with vectorised numpy, each frame normalised to zero mean and 
 import logging
 import os
 import uuid
+import zlib
 from collections import defaultdict
 from functools import lru_cache
 from multiprocessing import get_context
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import soundfile as sf
@@ -19,6 +21,7 @@ from tqdm import tqdm
 
 from constants import (
     AUDIO_EXTENSIONS,
+    AUGMENTED_MARK,
     CACHE_SUBDIR,
     FRAME_LENGTH_S,
     FRAME_STEP_S,
@@ -29,6 +32,7 @@ from constants import (
     SAMPLE_RATE,
     SILENCE_PERCENTILE,
     SKIPPED_FILES_REPORT,
+    SPEED_FACTORS,
 )
 
 logger = logging.getLogger(__name__)
@@ -106,9 +110,64 @@ def mfcc_fbank(signal: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray
     return normalize_frames(fbank(signal, sample_rate)).astype(np.float32)
 
 
-def read_mfcc(input_filename: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Reads a file, trims its silence and returns its normalised fbank: float32, shape (frames, NUM_FBANKS)."""
+class Augmentation(NamedTuple):
+    """A variant of an utterance for the cache: speed factor (1.0: unchanged) and additive noise (None, 'white',
+    'pink' or a noise file) at a random SNR drawn from snr_range (dB), seeded by the file name."""
+    suffix: str
+    speed: float = 1.0
+    noise: str | None = None
+    snr_range: tuple[float, float] = (5.0, 20.0)
+
+
+def speed_perturb(audio: np.ndarray, factor: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Plays `audio` `factor` times faster (tempo and pitch, as sox speed): length divided by `factor`."""
+    import librosa
+    return librosa.resample(audio, orig_sr=int(round(sample_rate * factor)), target_sr=sample_rate).astype(np.float32)
+
+
+def noise_signal(kind: str, length: int, rng: np.random.Generator, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """`length` samples of white or pink (1/f power) noise, or a random stretch of a random file of the noise
+    directory `kind`."""
+    if kind == 'white':
+        return rng.standard_normal(length).astype(np.float32)
+    if kind == 'pink':
+        spectrum = np.fft.rfft(rng.standard_normal(length))
+        spectrum /= np.sqrt(np.maximum(np.arange(len(spectrum)), 1))
+        return np.fft.irfft(spectrum, length).astype(np.float32)
+    noise_files = find_audio_files(kind)
+    noise_file = str(noise_files[rng.integers(len(noise_files))])
+    noise = read_audio(noise_file, sample_rate)
+    if not np.any(noise):
+        raise AudioError(f'{noise_file}: silent noise file; remove it from the noise directory.')
+    noise = np.tile(noise, -(-length // len(noise)) + 1)
+    start = int(rng.integers(0, len(noise) - length + 1))
+    return noise[start:start + length]
+
+
+def add_noise(audio: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
+    """`audio` plus `noise` (same length) scaled to the signal-to-noise ratio `snr_db`."""
+    scale = np.sqrt(np.mean(audio ** 2) / (np.mean(noise ** 2) * 10 ** (snr_db / 10)))
+    return (audio + scale * noise).astype(np.float32)
+
+
+def augment(audio: np.ndarray, augmentation: Augmentation, seed_text: str, sample_rate: int = SAMPLE_RATE):
+    """Applies a speed change then additive noise; the same `seed_text` always gives the same noise."""
+    if augmentation.speed != 1.0:
+        audio = speed_perturb(audio, augmentation.speed, sample_rate)
+    if augmentation.noise is not None:
+        rng = np.random.default_rng(zlib.crc32(seed_text.encode()))
+        audio = add_noise(audio, noise_signal(augmentation.noise, len(audio), rng, sample_rate),
+                          rng.uniform(*augmentation.snr_range))
+    return audio
+
+
+def read_mfcc(input_filename: str, sample_rate: int = SAMPLE_RATE,
+              augmentation: Augmentation | None = None) -> np.ndarray:
+    """Reads a file, trims its silence (then applies `augmentation`, if any) and returns its normalised fbank:
+    float32, shape (frames, NUM_FBANKS)."""
     audio = trim_silence(read_audio(input_filename, sample_rate), input_filename)
+    if augmentation is not None:
+        audio = augment(audio, augmentation, input_filename + augmentation.suffix, sample_rate)
     if len(audio) < frame_length(sample_rate):
         raise AudioError(f'{input_filename}: shorter than one {int(FRAME_LENGTH_S * 1000)} ms frame after '
                          f'trimming silence; remove it from the data set.')
@@ -136,11 +195,21 @@ def save_npy_atomically(path: Path, array: np.ndarray) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _cache_one(job: tuple[str, str, int]) -> str | None:
+def augmentations(speed_perturb: bool, noises: list[str], snr_range: tuple[float, float]) -> list[Augmentation]:
+    """The cache variants of each utterance besides the clean one: speeds 0.9 and 1.1 (new speakers, as in
+    Kaldi recipes) and one noisy copy per noise kind or file."""
+    variants = [Augmentation(f'{AUGMENTED_MARK}sp{factor}', speed=factor) for factor in SPEED_FACTORS
+                if speed_perturb]
+    variants += [Augmentation(f'{AUGMENTED_MARK}noise{i}', noise=noise, snr_range=snr_range)
+                 for i, noise in enumerate(noises)]
+    return variants
+
+
+def _cache_one(job: tuple[str, str, int, Augmentation | None]) -> str | None:
     """Pool worker: features of one file into its cache path. Returns an error message, or None on success."""
-    audio_file, cache_file, sample_rate = job
+    audio_file, cache_file, sample_rate, augmentation = job
     try:
-        save_npy_atomically(Path(cache_file), read_mfcc(audio_file, sample_rate))
+        save_npy_atomically(Path(cache_file), read_mfcc(audio_file, sample_rate, augmentation))
     except AudioError as e:
         return str(e)
     return None
@@ -150,11 +219,12 @@ class Audio:
     """Per-utterance fbank cache `<cache_dir>/audio-fbanks/<speaker>/<utterance>.npy` and its speaker index."""
 
     def __init__(self, cache_dir: str, audio_dir: str | None = None, sample_rate: int = SAMPLE_RATE,
-                 workers: int | None = None):
+                 workers: int | None = None, variants: list[Augmentation] = ()):
         self.cache_dir = Path(cache_dir).expanduser() / CACHE_SUBDIR
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         if audio_dir is not None:
-            self.build_cache(Path(audio_dir).expanduser(), sample_rate, workers or os.cpu_count() or 1)
+            self.build_cache(Path(audio_dir).expanduser(), sample_rate, workers or os.cpu_count() or 1,
+                             [None, *variants])
         self.speakers_to_utterances = self._index()
 
     @property
@@ -168,8 +238,13 @@ class Audio:
                 index[cache_file.parent.name][cache_file.stem] = cache_file
         return dict(index)
 
-    def build_cache(self, audio_dir: Path, sample_rate: int, workers: int) -> None:
-        """Caches every file of `audio_dir` not cached yet, in parallel; bad files are skipped and reported."""
+    def build_cache(self, audio_dir: Path, sample_rate: int, workers: int,
+                    variants: list[Augmentation | None]) -> None:
+        """Caches every file of `audio_dir` not cached yet, in parallel; bad files are skipped and reported.
+
+        Each variant (None: the clean file) is cached too: a speed change under the speaker `<speaker>~sp<f>`,
+        noise as the utterance `<utterance>~noise<i>` of the same speaker.
+        """
         if not audio_dir.is_dir():
             raise FileNotFoundError(f'--audio_dir {audio_dir}: no such directory.')
         files = find_audio_files(str(audio_dir))
@@ -182,10 +257,11 @@ class Audio:
                 errors.append(f'{audio_file}: not inside a speaker folder; expected speaker/utterance.wav or '
                               f'speaker/chapter/utterance.flac under --audio_dir.')
                 continue
-            target = self.cache_dir / speaker_of(audio_file, audio_dir) / f'{audio_file.stem}.npy'
-            if not target.exists():
-                target.parent.mkdir(exist_ok=True)
-                jobs.append((str(audio_file), str(target), sample_rate))
+            for variant in variants:
+                target = self.cache_path(speaker_of(audio_file, audio_dir), audio_file.stem, variant)
+                if not target.exists():
+                    target.parent.mkdir(exist_ok=True)
+                    jobs.append((str(audio_file), str(target), sample_rate, variant))
         logger.info('%d audio files, %d to compute.', len(files), len(jobs))
         with get_context('spawn').Pool(workers) as pool:
             results = pool.imap_unordered(_cache_one, jobs, chunksize=max(1, len(jobs) // (workers * 16)))
@@ -193,6 +269,13 @@ class Audio:
                 if error is not None:
                     errors.append(error)
         self._report_skipped(errors)
+
+    def cache_path(self, speaker: str, utterance: str, variant: Augmentation | None) -> Path:
+        if variant is None:
+            return self.cache_dir / speaker / f'{utterance}.npy'
+        if variant.speed != 1.0:
+            return self.cache_dir / f'{speaker}{variant.suffix}' / f'{utterance}.npy'
+        return self.cache_dir / speaker / f'{utterance}{variant.suffix}.npy'
 
     def _report_skipped(self, errors: list[str]) -> None:
         report = self.cache_dir.parent / SKIPPED_FILES_REPORT

@@ -4,6 +4,7 @@ files (kx/ky train/test, memory-mapped) and the triplet batcher with its triplet
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -13,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from audio import Audio
-from constants import COUNTS_PER_SPEAKER, KERAS_INPUTS_SUBDIR, NUM_FBANKS, NUM_FRAMES, TRAIN_TEST_RATIO
+from constants import AUGMENTED_MARK, COUNTS_PER_SPEAKER, KERAS_INPUTS_SUBDIR, NUM_FBANKS, NUM_FRAMES, TRAIN_TEST_RATIO
 
 logger = logging.getLogger(__name__)
 
@@ -46,17 +47,25 @@ def load_source(source: Source) -> np.ndarray:
 
 
 def train_test_sources(utterances: list[Path], ratio: float = TRAIN_TEST_RATIO) -> tuple[list[Source], list[Source]]:
-    """Splits one speaker's utterances: the first `ratio` of them for training, the rest for testing.
+    """Splits one speaker's utterances: the first `ratio` of them for training, the rest for testing. Noisy
+    copies (`<utterance>~noise<i>`) go to the side of their clean utterance.
 
     A speaker with a single utterance is split in time instead: its first `ratio` of frames train, the rest test.
     """
-    utterances = sorted(utterances)
-    if len(utterances) == 1:
-        num_frames = len(np.load(utterances[0], mmap_mode='r'))
-        split = int(num_frames * ratio)
-        return [Source(utterances[0], 0, split)], [Source(utterances[0], split, None)]
-    num_train = min(len(utterances) - 1, max(1, int(len(utterances) * ratio)))
-    return [Source(u) for u in utterances[:num_train]], [Source(u) for u in utterances[num_train:]]
+    groups: dict[str, list[Path]] = {}
+    for utterance in sorted(utterances):
+        groups.setdefault(utterance.stem.split(AUGMENTED_MARK)[0], []).append(utterance)
+    if len(groups) == 1:
+        sides = ([], [])
+        for utterance in utterances:
+            split = int(len(np.load(utterance, mmap_mode='r')) * ratio)
+            sides[0].append(Source(utterance, 0, split))
+            sides[1].append(Source(utterance, split, None))
+        return sides
+    names = sorted(groups)
+    num_train = min(len(names) - 1, max(1, int(len(names) * ratio)))
+    return ([Source(u) for name in names[:num_train] for u in groups[name]],
+            [Source(u) for name in names[num_train:] for u in groups[name]])
 
 
 class SparseCategoricalSpeakers:
@@ -199,3 +208,81 @@ class TripletBatcher:
         x = np.empty((len(indices),) + self.kx.shape[1:], dtype=np.float32)
         x[order] = self.kx[indices[order]]
         return x, np.zeros(len(indices), dtype=np.float32)
+
+
+def history_sample(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of about `size` crops, the same number from each speaker (at least 2), for the mining history.
+    With more speakers than size // 2, a random subset of size // 2 speakers is taken."""
+    speakers = np.unique(labels)
+    if len(speakers) > size // 2:
+        speakers = rng.choice(speakers, size=max(2, size // 2), replace=False)
+    per_speaker = max(2, size // len(speakers))
+    picks = []
+    for speaker in speakers:
+        candidates = np.flatnonzero(labels == speaker)
+        picks.append(rng.choice(candidates, size=per_speaker, replace=len(candidates) < per_speaker))
+    return np.concatenate(picks)
+
+
+def mined_pairs(anchor_sims: np.ndarray, same_speaker: np.ndarray, anchor_positions: np.ndarray,
+                mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Positions in the history of the positive and negative of each anchor, from one similarity matrix.
+
+    anchor_sims: (anchors, history) cosine similarities of each anchor (itself a history crop, at
+    `anchor_positions`) with every history crop; same_speaker: (anchors, history) True where the history crop is
+    of the anchor's speaker. The positive is the least similar other crop of the same speaker. The negative is,
+    for 'hard', the most similar crop of another speaker; for 'semihard', the most similar one still less
+    similar than the positive (FaceNet), or the hardest when every negative is more similar than the positive.
+    """
+    rows = np.arange(len(anchor_sims))
+    candidates = same_speaker.copy()
+    candidates[rows, anchor_positions] = False
+    positives = np.argmin(np.where(candidates, anchor_sims, np.inf), axis=1)
+    negative_sims = np.where(same_speaker, -np.inf, anchor_sims)
+    hardest = np.argmax(negative_sims, axis=1)
+    if mode == 'hard':
+        return positives, hardest
+    easier = ~same_speaker & (anchor_sims < anchor_sims[rows, positives][:, None])
+    semihard = np.argmax(np.where(easier, negative_sims, -np.inf), axis=1)
+    return positives, np.where(easier.any(axis=1), semihard, hardest)
+
+
+class HardNegativeMiner:
+    """Triplet selector ('hard' or 'semihard') over a history of embedded crops.
+
+    `refresh(kx, embed)` samples `history_size` training crops (equal numbers per speaker) and embeds them with
+    the current model; each batch then takes random history crops as anchors and mines their positives and
+    negatives from one (anchors x history) similarity matrix. Until the first refresh, triplets are random.
+    """
+
+    def __init__(self, labels: np.ndarray, mode: str, history_size: int, seed: int):
+        if mode not in ('hard', 'semihard'):
+            raise ValueError(f'--triplet_mining {mode}: expected hard, semihard or random.')
+        self.labels, self.mode, self.history_size = np.asarray(labels), mode, history_size
+        self.rng = np.random.default_rng(seed)
+        self.history: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.selection_seconds: list[float] = []
+
+    def refresh(self, kx: np.ndarray, embed: Callable[[np.ndarray], np.ndarray], chunk: int = 512) -> None:
+        """Re-samples and re-embeds the history; `embed` maps crops (n, 160, 64, 1) to embeddings (n, dims)."""
+        positions = np.sort(history_sample(self.labels, self.history_size, self.rng))
+        embeddings = np.concatenate([embed(kx[part]) for part in np.array_split(positions, -(-len(positions) //
+                                                                                              chunk))])
+        self.history = (positions, embeddings.astype(np.float32), self.labels[positions])
+
+    def select(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Indices into kx of n mined (anchor, positive, negative) crops."""
+        positions, embeddings, labels = self.history
+        anchor_positions = self.rng.choice(len(positions), size=n, replace=n > len(positions))
+        anchor_sims = embeddings[anchor_positions] @ embeddings.T
+        same_speaker = labels[anchor_positions][:, None] == labels[None, :]
+        positives, negatives = mined_pairs(anchor_sims, same_speaker, anchor_positions, self.mode)
+        return positions[anchor_positions], positions[positives], positions[negatives]
+
+    def __call__(self, batcher: TripletBatcher, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.history is None:
+            return random_triplets(batcher, n)
+        start = time.perf_counter()
+        triplets = self.select(n)
+        self.selection_seconds.append(time.perf_counter() - start)
+        return triplets

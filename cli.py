@@ -13,11 +13,17 @@ from constants import (  # noqa: E402
     BATCH_SIZE,
     CHECKPOINTS_TRIPLET_DIR,
     COUNTS_PER_SPEAKER,
+    DCF_P_TARGET,
     DEFAULT_SEED,
     DEFAULT_WORKING_DIR,
+    MINING_HISTORY_SIZE,
+    MINING_REFRESH_EVERY,
+    NUM_FBANKS,
     NUM_FRAMES,
     SAMPLE_RATE,
+    SNR_RANGE_DB,
     TRIPLET_LEARNING_RATE,
+    TRIPLET_MINING_MODES,
 )
 
 VERSION = '2.0.0'
@@ -59,11 +65,29 @@ def version():
               help='Audio tree: speaker/chapter/utterance.flac (LibriSpeech) or speaker/utterance.wav.')
 @click.option('--sample_rate', default=SAMPLE_RATE, show_default=True, type=int, help='Rate audio is resampled to.')
 @click.option('--workers', default=None, type=click.IntRange(min=1), help='Processes [default: all cores].')
-def build_mfcc_cache(working_dir, audio_dir, sample_rate, workers):
-    """Caches the normalised fbank of every utterance in WORKING_DIR/audio-fbanks (resumable)."""
-    from audio import Audio
+@click.option('--speed_perturb', is_flag=True,
+              help='Also cache each utterance at speeds 0.9 and 1.1, as new speakers (<speaker>~sp0.9, ~sp1.1).')
+@click.option('--noise', default='', help='Also cache a noisy copy per entry of this comma-separated list: white, '
+                                         'pink, or a directory of noise files (e.g. MUSAN noise).')
+@click.option('--snr_range', default=','.join(f'{x:g}' for x in SNR_RANGE_DB), show_default=True,
+              help='Range of the noise copies\' signal-to-noise ratio in dB, "LOW,HIGH".')
+def build_mfcc_cache(working_dir, audio_dir, sample_rate, workers, speed_perturb, noise, snr_range):
+    """Caches the normalised fbank of every utterance in WORKING_DIR/audio-fbanks (resumable); augmented copies
+    with --speed_perturb and --noise (off by default)."""
+    from audio import Audio, augmentations
+    noises = [n for n in noise.split(',') if n]
+    for n in noises:
+        if n not in ('white', 'pink') and not os.path.isdir(n):
+            fail(f'--noise {n}: expected white, pink or a directory of noise files.')
     try:
-        audio = Audio(cache_dir=working_dir, audio_dir=audio_dir, sample_rate=sample_rate, workers=workers)
+        snr = tuple(float(x) for x in snr_range.split(','))
+    except ValueError:
+        snr = ()
+    if len(snr) != 2 or snr[0] > snr[1]:
+        fail(f'--snr_range {snr_range}: expected "LOW,HIGH" in dB, e.g. 5,20.')
+    try:
+        audio = Audio(cache_dir=working_dir, audio_dir=audio_dir, sample_rate=sample_rate, workers=workers,
+                      variants=augmentations(speed_perturb, noises, snr))
     except FileNotFoundError as e:
         fail(str(e))
     num_utterances = sum(len(u) for u in audio.speakers_to_utterances.values())
@@ -101,9 +125,16 @@ def build_keras_inputs(working_dir, counts_per_speaker, seed):
 @click.option('--batch_size', default=BATCH_SIZE, show_default=True, type=click.IntRange(min=3))
 @click.option('--learning_rate', default=TRIPLET_LEARNING_RATE, show_default=True, type=float,
               help='SGD learning rate of the triplet phase.')
+@click.option('--triplet_mining', default='hard', show_default=True, type=click.Choice(TRIPLET_MINING_MODES),
+              help='Triplet phase: hardest negatives, semi-hard negatives (less similar than the positive) or random.')
+@click.option('--history_size', default=MINING_HISTORY_SIZE, show_default=True, type=click.IntRange(min=4),
+              help='Crops embedded for mining hard triplets.')
+@click.option('--refresh_every', default=MINING_REFRESH_EVERY, show_default=True, type=click.IntRange(min=1),
+              help='Batches between two re-embeddings of the mining history.')
 @width_option
 @seed_option
-def train_model(working_dir, pre_training_phase, epochs, steps_per_epoch, batch_size, learning_rate, width, seed):
+def train_model(working_dir, pre_training_phase, epochs, steps_per_epoch, batch_size, learning_rate, triplet_mining,
+                history_size, refresh_every, width, seed):
     """Trains one phase; checkpoints go to WORKING_DIR/checkpoints-softmax or checkpoints-triplets."""
     from conv_models import CheckpointError
     from train import train_softmax, train_triplet
@@ -112,7 +143,7 @@ def train_model(working_dir, pre_training_phase, epochs, steps_per_epoch, batch_
             best = train_softmax(working_dir, epochs, steps_per_epoch, width, batch_size, seed)
         else:
             best = train_triplet(working_dir, epochs, steps_per_epoch or 100, width, batch_size, seed,
-                                 learning_rate)
+                                 learning_rate, triplet_mining, history_size, refresh_every)
     except (FileNotFoundError, CheckpointError) as e:
         fail(str(e))
     logger.info('Best checkpoint: %s', best)
@@ -140,6 +171,45 @@ def test_model(working_dir, checkpoint_file, width, seed):
         fail(str(e))
     click.echo(f'f-measure = {fm:.4f}, true positive rate = {tpr:.4f}, accuracy = {acc:.4f}, '
                f'equal error rate = {eer:.4f}')
+
+
+@cli.command('eval-trials')
+@click.option('--trials', 'trials_file', required=True, type=click.Path(exists=True, dir_okay=False),
+              help='VoxCeleb-style list: "1 a.flac b.flac" per line, 1 = same speaker, 0 = different.')
+@click.option('--audio_root', required=True, type=click.Path(exists=True, file_okay=False),
+              help='Directory the paths of the trial list are relative to.')
+@click.option('--checkpoint_file', required=True, type=click.Path(dir_okay=False),
+              help='Checkpoint to evaluate (.keras, .weights.h5 or Keras-2 .h5).')
+@click.option('--width', default=None, type=click.FloatRange(min=0.01),
+              help='Filter multiplier of the checkpoint\'s model [default: read from a .keras file, else 1.0].')
+@click.option('--crop', is_flag=True, help='Embed a single centre crop instead of the whole utterance.')
+@click.option('--scores_file', default=None, type=click.Path(dir_okay=False),
+              help='CSV of label,score,enrol,test [default: TRIALS_STEM.scores.csv in the current directory].')
+@click.option('--det_plot', default=None, type=click.Path(dir_okay=False), help='Draw the DET curve to this PNG.')
+def eval_trials(trials_file, audio_root, checkpoint_file, width, crop, scores_file, det_plot):
+    """EER and minDCF of a checkpoint on a trial list; each utterance is embedded once, deterministically."""
+    from audio import AudioError
+    from conv_models import CheckpointError, DeepSpeakerModel, checkpoint_width, load_checkpoint
+    from eval_metrics import equal_error_rate, min_dcf, plot_det
+    from test import TrialError, embed_utterances, read_trials, score_trials, write_scores
+    try:
+        trials = read_trials(trials_file, audio_root)
+        if len(set(trials.labels.tolist())) < 2:
+            fail(f'{trials_file}: needs both target (1) and non-target (0) trials.')
+        dsm = DeepSpeakerModel(batch_input_shape=(None, NUM_FRAMES, NUM_FBANKS, 1),
+                               width=width or checkpoint_width(checkpoint_file))
+        load_checkpoint(dsm.m, checkpoint_file)
+        scores = score_trials(embed_utterances(dsm, trials.files, crop), trials)
+    except (TrialError, CheckpointError, AudioError) as e:
+        fail(str(e))
+    scores_file = scores_file or f'{Path(trials_file).stem}.scores.csv'
+    write_scores(scores_file, trials, scores, audio_root)
+    if det_plot:
+        plot_det(scores, trials.labels, det_plot, title=Path(checkpoint_file).name)
+    eer, dcf = equal_error_rate(scores, trials.labels), min_dcf(scores, trials.labels, DCF_P_TARGET)
+    logger.info('%d target and %d non-target trials over %d utterances; scores in %s.', trials.labels.sum(),
+                (trials.labels == 0).sum(), len(trials.files), scores_file)
+    click.echo(f'EER = {100 * eer:.2f} %, minDCF(p_target={DCF_P_TARGET}) = {dcf:.4f}')
 
 
 if __name__ == '__main__':

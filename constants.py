@@ -13,6 +13,11 @@ SILENCE_PERCENTILE = 95  # samples louder than this percentile of |x| mark the s
 NORMALIZE_EPSILON = 1e-12  # floor of a frame's standard deviation.
 AUDIO_EXTENSIONS = ('.flac', '.wav')
 
+# Augmentation (cache variants).
+AUGMENTED_MARK = '~'  # in a cached speaker or utterance name: an augmented copy (excluded from evaluation).
+SPEED_FACTORS = (0.9, 1.1)  # speed perturbation; each factor makes new speaker identities.
+SNR_RANGE_DB = (5.0, 20.0)  # additive noise at an SNR drawn uniformly from this range.
+
 # Model inputs.
 NUM_FRAMES = 160  # frames per training crop: 1.6 s.
 TRAIN_TEST_RATIO = 0.8  # per speaker: first 80 % of utterances (or of the frames of a lone utterance) for training.
@@ -32,6 +37,9 @@ TRIPLET_LEARNING_RATE = 1e-3
 TRIPLET_MOMENTUM = 0.9
 TRIPLET_ALPHA = 0.1  # margin of the triplet loss, on cosine similarities.
 TRIPLET_VALIDATION_BATCHES = 8
+TRIPLET_MINING_MODES = ('hard', 'semihard', 'random')
+MINING_HISTORY_SIZE = 6400  # crops embedded for mining; 25,600 suits a GPU.
+MINING_REFRESH_EVERY = 50  # batches between two re-embeddings of the history.
 EARLY_STOPPING_PATIENCE = 20
 REDUCE_LR_PATIENCE = 10
 REDUCE_LR_FACTOR = 0.5
@@ -40,6 +48,11 @@ MIN_LEARNING_RATE = 1e-5
 # Evaluation (original protocol).
 NUM_NEGATIVE_SPEAKERS = 99
 EVAL_THRESHOLD_STEP = 0.001
+
+# Evaluation on trial lists.
+WINDOW_HOP = 80  # frames between two windows of a whole-utterance embedding (50 % overlap).
+EMBEDDING_FILES_PER_CHUNK = 32  # utterances whose windows go through one predict call.
+DCF_P_TARGET = 0.01
 
 # Working directory layout.
 DEFAULT_WORKING_DIR = os.path.expanduser('~/.deep-speaker-wd')

@@ -45,3 +45,65 @@ def evaluate(sims: np.ndarray, labels: np.ndarray) -> Metrics:
     closest = int(np.argmin(np.abs(frr - far)))
     eer = (frr[closest] + far[closest]) / 2
     return Metrics(float(f_measure[best]), float(tpr[best]), float(accuracy[best]), float(eer))
+
+
+def error_rates(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Miss and false-alarm rates at every threshold between sorted scores (accept when score >= threshold).
+
+    Returns (thresholds, p_miss, p_fa), each of shape (trials + 1,): the first threshold accepts everything,
+    the last nothing. labels: 1 target, 0 non-target; both classes must be present.
+    """
+    order = np.argsort(scores, kind='stable')
+    sorted_scores, sorted_labels = np.asarray(scores)[order], np.asarray(labels)[order].astype(bool)
+    n_target, n_nontarget = sorted_labels.sum(), (~sorted_labels).sum()
+    misses = np.concatenate([[0], np.cumsum(sorted_labels)])
+    kept_nontargets = np.concatenate([[0], np.cumsum(~sorted_labels)])
+    thresholds = np.concatenate([sorted_scores, [np.inf]])
+    return thresholds, misses / n_target, (n_nontarget - kept_nontargets) / n_nontarget
+
+
+def equal_error_rate(scores: np.ndarray, labels: np.ndarray) -> float:
+    """EER, linearly interpolated where the miss and false-alarm curves cross (fraction, not %)."""
+    _, p_miss, p_fa = error_rates(scores, labels)
+    crossing = int(np.argmax(p_miss >= p_fa))
+    if crossing == 0:
+        return float(p_miss[0])
+    d_before, d_after = p_fa[crossing - 1] - p_miss[crossing - 1], p_miss[crossing] - p_fa[crossing]
+    weight = d_before / (d_before + d_after) if d_before + d_after > 0 else 0.0
+    return float(p_miss[crossing - 1] + weight * (p_miss[crossing] - p_miss[crossing - 1]))
+
+
+def min_dcf(scores: np.ndarray, labels: np.ndarray, p_target: float = 0.01, c_miss: float = 1.0,
+            c_fa: float = 1.0) -> float:
+    """Minimum normalised detection cost over all thresholds (NIST SRE definition)."""
+    _, p_miss, p_fa = error_rates(scores, labels)
+    cost = c_miss * p_target * p_miss + c_fa * (1 - p_target) * p_fa
+    return float(cost.min() / min(c_miss * p_target, c_fa * (1 - p_target)))
+
+
+def plot_det(scores: np.ndarray, labels: np.ndarray, path: str, title: str = 'DET curve') -> None:
+    """Draws the DET curve (normal-deviate axes, EER marked) to a PNG file."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from scipy.stats import norm
+
+    _, p_miss, p_fa = error_rates(scores, labels)
+    clip = (1e-4, 1 - 1e-4)
+    ticks = np.array([0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4])
+    eer = equal_error_rate(scores, labels)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(norm.ppf(np.clip(p_fa, *clip)), norm.ppf(np.clip(p_miss, *clip)), label='DET')
+    ax.plot(norm.ppf(eer), norm.ppf(eer), 'o', label=f'EER {100 * eer:.2f} %')
+    ax.set_xticks(norm.ppf(ticks), [f'{100 * t:g}' for t in ticks])
+    ax.set_yticks(norm.ppf(ticks), [f'{100 * t:g}' for t in ticks])
+    ax.set_xlim(norm.ppf(0.0005), norm.ppf(0.5))
+    ax.set_ylim(norm.ppf(0.0005), norm.ppf(0.5))
+    ax.set_xlabel('False alarm rate (%)')
+    ax.set_ylabel('Miss rate (%)')
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from batcher import KerasFormatConverter, TripletBatcher
+from batcher import HardNegativeMiner, KerasFormatConverter, TripletBatcher, random_triplets
 from constants import (
     BATCH_SIZE,
     CHECKPOINTS_SOFTMAX_DIR,
@@ -20,6 +21,8 @@ from constants import (
     EARLY_STOPPING_PATIENCE,
     LOGS_SUBDIR,
     MIN_LEARNING_RATE,
+    MINING_HISTORY_SIZE,
+    MINING_REFRESH_EVERY,
     NUM_FBANKS,
     NUM_FRAMES,
     REDUCE_LR_FACTOR,
@@ -69,6 +72,34 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         tmp = self.directory / '.state.json.tmp'
         tmp.write_text(json.dumps(state))
         os.replace(tmp, self.directory / 'state.json')
+
+
+class MiningRefresh(keras.callbacks.Callback):
+    """Re-embeds the miner's history with the training model every `every` batches, in the training thread, and
+    logs the time mining takes."""
+
+    def __init__(self, miner: HardNegativeMiner, kx: np.ndarray, every: int):
+        super().__init__()
+        self.miner, self.kx, self.every = miner, kx, every
+        self.step, self.refresh_seconds = 0, []
+
+    def embed(self, crops: np.ndarray) -> np.ndarray:
+        return keras.ops.convert_to_numpy(self.model(crops, training=False))
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.step % self.every == 0:
+            start = time.perf_counter()
+            self.miner.refresh(self.kx, self.embed)
+            self.refresh_seconds.append(time.perf_counter() - start)
+        self.step += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        selection = self.miner.selection_seconds
+        logger.info('Mining (%s): %.1f ms per batch selection over %d batches; %d history refreshes of %d crops, '
+                    '%.1f s each.', self.miner.mode, 1000 * np.mean(selection or [0]), len(selection),
+                    len(self.refresh_seconds), len(self.miner.history[0]), np.mean(self.refresh_seconds or [0]))
+        selection.clear()
+        self.refresh_seconds.clear()
 
 
 def read_state(directory: Path) -> dict:
@@ -165,9 +196,15 @@ def train_softmax(working_dir: str, epochs: int, steps_per_epoch: int | None = N
 
 
 def train_triplet(working_dir: str, epochs: int, steps_per_epoch: int = 100, width: float = 1.0,
-                  batch_size: int = BATCH_SIZE, seed: int = 0, learning_rate: float = TRIPLET_LEARNING_RATE) -> Path:
+                  batch_size: int = BATCH_SIZE, seed: int = 0, learning_rate: float = TRIPLET_LEARNING_RATE,
+                  mining: str = 'hard', history_size: int = MINING_HISTORY_SIZE,
+                  refresh_every: int = MINING_REFRESH_EVERY) -> Path:
     """Triplet training (SGD, deep_speaker_loss) started from the best softmax checkpoint when there is one;
-    returns the best checkpoint's path (by val_loss on fixed triplets of kx_test)."""
+    returns the best checkpoint's path (by val_loss on fixed random triplets of kx_test).
+
+    mining: 'random' triplets, or 'hard' / 'semihard' negatives mined from a history of `history_size` crops
+    re-embedded every `refresh_every` batches.
+    """
     keras.utils.set_random_seed(seed)
     working_dir = Path(working_dir).expanduser()
     converter = KerasFormatConverter(str(working_dir))
@@ -190,12 +227,18 @@ def train_triplet(working_dir: str, epochs: int, steps_per_epoch: int = 100, wid
         return dsm.m
 
     model, initial_epoch = resumed_or_new(directory, new_model)
-    train_batcher = TripletBatcher(kx_train, ky_train, seed=seed + initial_epoch)
+    callbacks = phase_callbacks(directory, working_dir, 'triplet', 'val_loss', 'min')
+    selector = random_triplets
+    if mining != 'random':
+        selector = HardNegativeMiner(ky_train, mining, history_size, seed + initial_epoch)
+        callbacks.append(MiningRefresh(selector, kx_train, refresh_every))
+    train_batcher = TripletBatcher(kx_train, ky_train, seed=seed + initial_epoch, selector=selector)
     test_batcher = TripletBatcher(kx_test, ky_test, seed=seed)
     validation = [test_batcher.get_batch(batch_size) for _ in range(TRIPLET_VALIDATION_BATCHES)]
     validation = (np.concatenate([x for x, _ in validation]), np.concatenate([y for _, y in validation]))
     validation = tf.data.Dataset.from_tensor_slices(validation).batch(3 * (batch_size // 3))
-    logger.info('Triplet phase: %d speakers, %s parameters.', converter.num_speakers, f'{model.count_params():,}')
+    logger.info('Triplet phase: %d speakers, %s parameters, %s triplets.', converter.num_speakers,
+                f'{model.count_params():,}', mining)
     fit(model, initial_epoch, epochs, triplet_dataset(train_batcher, batch_size), validation, steps_per_epoch,
-        phase_callbacks(directory, working_dir, 'triplet', 'val_loss', 'min'))
+        callbacks)
     return best_checkpoint(directory)

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The README's mining table: train on LibriSpeech train-clean-100 (251 speakers), evaluate on the unseen
+# speakers of the test-other trial list. One softmax phase, then random and hard triplets from its best
+# checkpoint, each in its own working dir sharing the cache, inputs and softmax checkpoints.
+#   bash recipes/librispeech_100.sh [clean|augmented]
+# Rows go to $OUT/results.csv: config,eer_percent,min_dcf,train_seconds,checkpoint.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VARIANT="${1:-clean}"
+DATA="${DATA:-$ROOT/../shared/data}"
+OUT="${OUT:-$HOME/.deep-speaker-wd/librispeech-100}"
+WIDTH="${WIDTH:-0.25}"
+SOFTMAX_EPOCHS="${SOFTMAX_EPOCHS:-12}"
+TRIPLET_EPOCHS="${TRIPLET_EPOCHS:-4}"
+STEPS="${STEPS:-50}"
+TRIALS="$DATA/trials/librispeech-test-other.txt"
+TEST_ROOT="$DATA/LibriSpeech/test-other"
+PY="$ROOT/.venv/bin/python"
+BASE="$OUT/$VARIANT"
+case "$VARIANT" in
+  clean) AUGMENT=() ;;
+  augmented) AUGMENT=(--speed_perturb --noise white,pink --snr_range 5,20) ;;
+  *) echo "Unknown variant: $VARIANT (clean or augmented)" >&2; exit 2 ;;
+esac
+mkdir -p "$BASE"
+
+cli() { (cd "$ROOT" && "$PY" cli.py "$@"); }
+
+evaluate() {  # name checkpoint seconds
+  local line
+  line="$(cli eval-trials --trials "$TRIALS" --audio_root "$TEST_ROOT" --checkpoint_file "$2" \
+          --scores_file "$BASE/$1.scores.csv" --det_plot "$BASE/$1.det.png" | tail -1)"
+  echo "$1: $line (trained $3 s)" >&2
+  echo "$VARIANT/$1,$(echo "$line" | sed -E 's/EER = ([0-9.]+) %, minDCF\(p_target=0.01\) = ([0-9.]+)/\1,\2/'),$3,$2" \
+    >> "$OUT/results.csv"
+}
+
+cli build-mfcc-cache --working_dir "$BASE" --audio_dir "$DATA/LibriSpeech/train-clean-100" "${AUGMENT[@]}"
+cli build-keras-inputs --working_dir "$BASE" --counts_per_speaker 100,10
+
+start=$SECONDS
+cli train-model --working_dir "$BASE" --pre_training_phase --epochs "$SOFTMAX_EPOCHS" --steps_per_epoch "$STEPS" \
+    --width "$WIDTH"
+evaluate softmax "$BASE/checkpoints-softmax/ResCNN_best.keras" $((SECONDS - start))
+
+for mining in random hard; do
+  wd="$BASE/triplet-$mining"
+  mkdir -p "$wd"
+  for shared in audio-fbanks keras-inputs checkpoints-softmax; do ln -sfn "$BASE/$shared" "$wd/$shared"; done
+  start=$SECONDS
+  cli train-model --working_dir "$wd" --no_pre_training_phase --triplet_mining "$mining" --epochs "$TRIPLET_EPOCHS" \
+      --steps_per_epoch "$STEPS" --width "$WIDTH" --history_size 2000 --refresh_every 25
+  evaluate "triplet-$mining" "$wd/checkpoints-triplets/ResCNN_best.keras" $((SECONDS - start))
+done
