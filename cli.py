@@ -18,7 +18,6 @@ from constants import (  # noqa: E402
     DEFAULT_WORKING_DIR,
     MINING_HISTORY_SIZE,
     MINING_REFRESH_EVERY,
-    NUM_FBANKS,
     NUM_FRAMES,
     SAMPLE_RATE,
     SNR_RANGE_DB,
@@ -33,8 +32,12 @@ working_dir_option = click.option('--working_dir', default=DEFAULT_WORKING_DIR, 
                                   type=click.Path(file_okay=False),
                                   help='Holds the feature cache, model inputs, checkpoints and logs.')
 width_option = click.option('--width', default=1.0, show_default=True, type=click.FloatRange(min=0.01),
-                            help='Multiplier of the ResCNN filters (64/128/256/512). 1.0 is the paper\'s model; '
-                                 '0.25 trains fast on a CPU.')
+                            help='Multiplier of the layer sizes (ResCNN filters 64/128/256/512, TDNN and GRU units). '
+                                 '1.0 is the published size; 0.25 trains fast on a CPU.')
+model_option = click.option('--model', default='rescnn', show_default=True,
+                            type=click.Choice(['rescnn', 'tdnn', 'gru']),
+                            help='Architecture: ResCNN (paper), TDNN (x-vector) or GRU (paper). A .keras checkpoint '
+                                 'says its own.')
 seed_option = click.option('--seed', default=DEFAULT_SEED, show_default=True, type=int,
                            help='Seed of crop sampling, batch construction and weight initialisation.')
 
@@ -131,19 +134,20 @@ def build_keras_inputs(working_dir, counts_per_speaker, seed):
               help='Crops embedded for mining hard triplets.')
 @click.option('--refresh_every', default=MINING_REFRESH_EVERY, show_default=True, type=click.IntRange(min=1),
               help='Batches between two re-embeddings of the mining history.')
+@model_option
 @width_option
 @seed_option
 def train_model(working_dir, pre_training_phase, epochs, steps_per_epoch, batch_size, learning_rate, triplet_mining,
-                history_size, refresh_every, width, seed):
+                history_size, refresh_every, model, width, seed):
     """Trains one phase; checkpoints go to WORKING_DIR/checkpoints-softmax or checkpoints-triplets."""
     from conv_models import CheckpointError
     from train import train_softmax, train_triplet
     try:
         if pre_training_phase:
-            best = train_softmax(working_dir, epochs, steps_per_epoch, width, batch_size, seed)
+            best = train_softmax(working_dir, epochs, steps_per_epoch, width, batch_size, seed, model)
         else:
             best = train_triplet(working_dir, epochs, steps_per_epoch or 100, width, batch_size, seed,
-                                 learning_rate, triplet_mining, history_size, refresh_every)
+                                 learning_rate, triplet_mining, history_size, refresh_every, model)
     except (FileNotFoundError, CheckpointError) as e:
         fail(str(e))
     logger.info('Best checkpoint: %s', best)
@@ -153,20 +157,20 @@ def train_model(working_dir, pre_training_phase, epochs, steps_per_epoch, batch_
 @working_dir_option
 @click.option('--checkpoint_file', default=None, type=click.Path(dir_okay=False),
               help=f'Checkpoint to evaluate (.keras, .weights.h5 or Keras-2 .h5) '
-                   f'[default: WORKING_DIR/{CHECKPOINTS_TRIPLET_DIR}/ResCNN_best.keras].')
+                   f'[default: WORKING_DIR/{CHECKPOINTS_TRIPLET_DIR}/<model>_best.keras].')
+@model_option
 @click.option('--width', default=None, type=click.FloatRange(min=0.01),
-              help='Filter multiplier of the checkpoint\'s model [default: read from a .keras file, else 1.0].')
+              help='Width of the checkpoint\'s model [default: read from a .keras file, else 1.0].')
 @seed_option
-def test_model(working_dir, checkpoint_file, width, seed):
+def test_model(working_dir, checkpoint_file, model, width, seed):
     """Anchor / positive / 99 negatives evaluation on the held-out audio of the cached speakers."""
-    from conv_models import CheckpointError, DeepSpeakerModel, checkpoint_width, load_checkpoint
+    from conv_models import MODELS, CheckpointError, build_model
     from test import eval_model
     from train import best_checkpoint
-    checkpoint_file = checkpoint_file or str(best_checkpoint(Path(working_dir) / CHECKPOINTS_TRIPLET_DIR))
+    checkpoint_file = checkpoint_file or str(best_checkpoint(Path(working_dir) / CHECKPOINTS_TRIPLET_DIR,
+                                                             MODELS[model].name))
     try:
-        dsm = DeepSpeakerModel(width=width or checkpoint_width(checkpoint_file))
-        load_checkpoint(dsm.m, checkpoint_file)
-        fm, tpr, acc, eer = eval_model(working_dir, dsm, seed)
+        fm, tpr, acc, eer = eval_model(working_dir, build_model(checkpoint_file, model, width), seed)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         fail(str(e))
     click.echo(f'f-measure = {fm:.4f}, true positive rate = {tpr:.4f}, accuracy = {acc:.4f}, '
@@ -178,34 +182,58 @@ def test_model(working_dir, checkpoint_file, width, seed):
               help='VoxCeleb-style list: "1 a.flac b.flac" per line, 1 = same speaker, 0 = different.')
 @click.option('--audio_root', required=True, type=click.Path(exists=True, file_okay=False),
               help='Directory the paths of the trial list are relative to.')
-@click.option('--checkpoint_file', required=True, type=click.Path(dir_okay=False),
-              help='Checkpoint to evaluate (.keras, .weights.h5 or Keras-2 .h5).')
+@click.option('--checkpoint_file', 'checkpoint_files', required=True, multiple=True, type=click.Path(dir_okay=False),
+              help='Checkpoint to evaluate (.keras, .weights.h5 or Keras-2 .h5); repeat it to fuse several models.')
+@model_option
 @click.option('--width', default=None, type=click.FloatRange(min=0.01),
-              help='Filter multiplier of the checkpoint\'s model [default: read from a .keras file, else 1.0].')
+              help='Width of a .h5 checkpoint\'s model [default: read from a .keras file, else 1.0].')
+@click.option('--fusion', default='score', show_default=True, type=click.Choice(['score', 'concat']),
+              help='With several checkpoints: weighted mean of their cosine scores, or cosine of the concatenated '
+                   'embeddings.')
+@click.option('--fusion_weights', default=None, help='Comma-separated weight per checkpoint [default: equal].')
 @click.option('--crop', is_flag=True, help='Embed a single centre crop instead of the whole utterance.')
 @click.option('--scores_file', default=None, type=click.Path(dir_okay=False),
               help='CSV of label,score,enrol,test [default: TRIALS_STEM.scores.csv in the current directory].')
 @click.option('--det_plot', default=None, type=click.Path(dir_okay=False), help='Draw the DET curve to this PNG.')
-def eval_trials(trials_file, audio_root, checkpoint_file, width, crop, scores_file, det_plot):
-    """EER and minDCF of a checkpoint on a trial list; each utterance is embedded once, deterministically."""
+def eval_trials(trials_file, audio_root, checkpoint_files, model, width, fusion, fusion_weights, crop, scores_file,
+                det_plot):
+    """EER and minDCF of one checkpoint, or of a fusion of several, on a trial list; each utterance is embedded
+    once per model, deterministically."""
     from audio import AudioError
-    from conv_models import CheckpointError, DeepSpeakerModel, checkpoint_width, load_checkpoint
+    from conv_models import CheckpointError, build_model
     from eval_metrics import equal_error_rate, min_dcf, plot_det
-    from test import TrialError, embed_utterances, read_trials, score_trials, write_scores
+    from test import (
+        TrialError,
+        concatenated_embeddings,
+        embed_utterances,
+        fused_scores,
+        read_trials,
+        score_trials,
+        write_scores,
+    )
+    try:
+        weights = [float(w) for w in fusion_weights.split(',')] if fusion_weights else [1.0] * len(checkpoint_files)
+    except ValueError:
+        weights = []
+    if len(weights) != len(checkpoint_files) or min(weights) < 0 or sum(weights) <= 0:
+        fail(f'--fusion_weights {fusion_weights}: expected {len(checkpoint_files)} non-negative numbers, one per '
+             f'--checkpoint_file.')
     try:
         trials = read_trials(trials_file, audio_root)
         if len(set(trials.labels.tolist())) < 2:
             fail(f'{trials_file}: needs both target (1) and non-target (0) trials.')
-        dsm = DeepSpeakerModel(batch_input_shape=(None, NUM_FRAMES, NUM_FBANKS, 1),
-                               width=width or checkpoint_width(checkpoint_file))
-        load_checkpoint(dsm.m, checkpoint_file)
-        scores = score_trials(embed_utterances(dsm, trials.files, crop), trials)
+        embeddings = [embed_utterances(build_model(path, model, width), trials.files, crop)
+                      for path in checkpoint_files]
     except (TrialError, CheckpointError, AudioError) as e:
         fail(str(e))
+    if fusion == 'concat':
+        scores = score_trials(concatenated_embeddings(embeddings, weights), trials)
+    else:
+        scores = fused_scores([score_trials(e, trials) for e in embeddings], weights)
     scores_file = scores_file or f'{Path(trials_file).stem}.scores.csv'
     write_scores(scores_file, trials, scores, audio_root)
     if det_plot:
-        plot_det(scores, trials.labels, det_plot, title=Path(checkpoint_file).name)
+        plot_det(scores, trials.labels, det_plot, title=' + '.join(Path(p).name for p in checkpoint_files))
     eer, dcf = equal_error_rate(scores, trials.labels), min_dcf(scores, trials.labels, DCF_P_TARGET)
     logger.info('%d target and %d non-target trials over %d utterances; scores in %s.', trials.labels.sum(),
                 (trials.labels == 0).sum(), len(trials.files), scores_file)

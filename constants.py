@@ -29,6 +29,10 @@ RESCNN_FILTERS = (64, 128, 256, 512)  # one stage each; scaled by --width.
 CLIPPED_RELU_MAX = 20.0
 L2_WEIGHT_DECAY = 1e-4
 SOFTMAX_DROPOUT = 0.5
+TDNN_FRAME_LAYERS = ((512, 5, 1), (512, 3, 2), (512, 3, 3), (512, 1, 1), (1500, 1, 1))  # (units, kernel, dilation)
+STATS_POOLING_EPSILON = 1e-5  # added to the variance before the square root.
+GRU_UNITS = 1024
+GRU_LAYERS = 3
 
 # Training.
 BATCH_SIZE = 96  # 32 triplets in the triplet phase.

@@ -16,6 +16,8 @@ from audio import frame_length, frame_step, mel_matrix
 from constants import (
     CLIPPED_RELU_MAX,
     EMBEDDING_SIZE,
+    GRU_LAYERS,
+    GRU_UNITS,
     L2_WEIGHT_DECAY,
     NFFT,
     NORMALIZE_EPSILON,
@@ -25,6 +27,8 @@ from constants import (
     RESCNN_FILTERS,
     SAMPLE_RATE,
     SOFTMAX_DROPOUT,
+    STATS_POOLING_EPSILON,
+    TDNN_FRAME_LAYERS,
 )
 
 logger = logging.getLogger(__name__)
@@ -66,33 +70,59 @@ class PcmToFbank(layers.Layer):
         return {**super().get_config(), 'sample_rate': self.sample_rate}
 
 
-class DeepSpeakerModel:
-    """ResCNN speaker embedder; the Keras model is `.m`.
+@keras.saving.register_keras_serializable(package='deep_speaker')
+class FrameMask(layers.Layer):
+    """1.0 for real frames, 0.0 for zero padding (a normalised fbank frame is never all zeros): (batch, frames)."""
+
+    def call(self, frames):
+        return keras.ops.cast(keras.ops.any(keras.ops.not_equal(frames, 0.0), axis=-1), frames.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[:2]
+
+
+@keras.saving.register_keras_serializable(package='deep_speaker')
+class StatsPooling(layers.Layer):
+    """Mean and standard deviation over time of the unmasked frames: (batch, frames, d), (batch, frames) ->
+    (batch, 2 d)."""
+
+    def call(self, inputs):
+        x, mask = inputs
+        weights = keras.ops.expand_dims(mask, -1)
+        count = keras.ops.maximum(keras.ops.sum(weights, axis=1), 1.0)
+        mean = keras.ops.sum(x * weights, axis=1) / count
+        variance = keras.ops.sum(weights * keras.ops.square(x - keras.ops.expand_dims(mean, 1)), axis=1) / count
+        return keras.ops.concatenate([mean, keras.ops.sqrt(variance + STATS_POOLING_EPSILON)], axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0][0], 2 * input_shape[0][-1]
+
+
+class SpeakerModel:
+    """A speaker embedder; the Keras model is `.m`. Subclasses build the utterance-level vector (`body`).
 
     Input: normalised fbank, shape (batch, frames, 64, 1) (frames: NUM_FRAMES for training crops, any number at
     inference), or with `pcm_input` raw 16 kHz audio (batch, samples). Output: L2-normalised embeddings
-    (batch, 512), or with `include_softmax` speaker probabilities (batch, num_speakers_softmax).
-    `width` scales the filters of the four stages (64, 128, 256, 512): 1.0 is the paper's model; the first stage
-    gets round(64 * width) filters and each later stage twice as many as the one before.
+    (batch, 512) from the `affine` layer, or with `include_softmax` speaker probabilities
+    (batch, num_speakers_softmax). `width` scales the layers; 1.0 is the published size.
     """
+
+    name = ''
+    width_probe = ('', '', 1)  # (layer, config key, its value at width 1.0): how checkpoint_architecture reads width.
 
     def __init__(self, batch_input_shape=(None, NUM_FRAMES, NUM_FBANKS, 1), include_softmax: bool = False,
                  num_speakers_softmax: int | None = None, pcm_input: bool = False, width: float = 1.0):
         if include_softmax and not (num_speakers_softmax and num_speakers_softmax > 1):
             raise ValueError(f'num_speakers_softmax={num_speakers_softmax}: a softmax head needs 2 or more speakers.')
         self.include_softmax = include_softmax
-        base = max(1, int(round(RESCNN_FILTERS[0] * width)))
-        self.filters = [base * f // RESCNN_FILTERS[0] for f in RESCNN_FILTERS]
-        self.clipped_relu_count = 0
+        self.width = width
         if pcm_input:
             inputs = keras.Input(batch_shape=(batch_input_shape[0], None), name='input')
             x = PcmToFbank(name='fbank')(inputs)
         else:
             inputs = keras.Input(batch_shape=batch_input_shape, name='input')
             x = inputs
-        x = self.cnn_component(x)
-        x = layers.Reshape((-1, (NUM_FBANKS // 16) * self.filters[-1]), name='reshape')(x)
-        x = layers.GlobalAveragePooling1D(name='average')(x)
+        x = self.body(x)
         if include_softmax:
             x = layers.Dropout(SOFTMAX_DROPOUT, name='dropout')(x)
         x = layers.Dense(EMBEDDING_SIZE, name='affine')(x)
@@ -100,7 +130,30 @@ class DeepSpeakerModel:
             x = layers.Dense(num_speakers_softmax, activation='softmax', name='softmax_layer')(x)
         else:
             x = layers.UnitNormalization(axis=1, name='ln')(x)
-        self.m = keras.Model(inputs, x, name='ResCNN')
+        self.m = keras.Model(inputs, x, name=self.name)
+
+    def scaled(self, units: int) -> int:
+        return max(1, int(round(units * self.width)))
+
+    def body(self, fbank):
+        """(batch, frames, 64, 1) features to (batch, dims) utterance vectors."""
+        raise NotImplementedError
+
+class DeepSpeakerModel(SpeakerModel):
+    """ResCNN of Deep Speaker: four stages of a 5x5 stride-2 convolution and three residual blocks, temporal
+    average. Filters 64/128/256/512 at width 1.0 (24,185,728 parameters); the first stage gets
+    round(64 * width) filters and each later stage twice as many as the one before."""
+
+    name = 'ResCNN'
+    width_probe = ('conv64-s', 'filters', RESCNN_FILTERS[0])
+
+    def body(self, fbank):
+        base = self.scaled(RESCNN_FILTERS[0])
+        self.filters = [base * f // RESCNN_FILTERS[0] for f in RESCNN_FILTERS]
+        self.clipped_relu_count = 0
+        x = self.cnn_component(fbank)
+        x = layers.Reshape((-1, (NUM_FBANKS // 16) * self.filters[-1]), name='reshape')(x)
+        return layers.GlobalAveragePooling1D(name='average')(x)
 
     def keras_model(self) -> keras.Model:
         return self.m
@@ -148,6 +201,57 @@ class DeepSpeakerModel:
         return x
 
 
+class TdnnModel(SpeakerModel):
+    """x-vector TDNN (Snyder et al. 2018): frame layers of 1-D dilated convolutions, each ReLU then batch norm
+    (then dropout, if any), padding frames zeroed after each layer, masked statistics pooling (mean and std).
+
+    Defaults: contexts [t-2..t+2], {t-2,t,t+2}, {t-3,t,t+3}, {t}, {t} of 512, 512, 512, 512, 1500 units
+    (4,321,100 parameters with the 512-d segment layer at width 1.0); `frame_layers` overrides them as
+    (units, kernel, dilation) tuples, before `width` scales the units.
+    """
+
+    name = 'TDNN'
+    width_probe = ('tdnn1', 'filters', TDNN_FRAME_LAYERS[0][0])
+
+    def __init__(self, *args, frame_layers=TDNN_FRAME_LAYERS, dropout: float = 0.0, **kwargs):
+        self.frame_layers, self.dropout = frame_layers, dropout
+        super().__init__(*args, **kwargs)
+
+    def body(self, fbank):
+        frames = layers.Reshape((-1, NUM_FBANKS), name='frames')(fbank)
+        mask = FrameMask(name='frame_mask')(frames)
+        x = frames
+        for number, (units, kernel, dilation) in enumerate(self.frame_layers, start=1):
+            x = layers.Conv1D(self.scaled(units), kernel, dilation_rate=dilation, padding='same', activation='relu',
+                              kernel_regularizer=regularizers.l2(L2_WEIGHT_DECAY), name=f'tdnn{number}')(x)
+            x = layers.BatchNormalization(name=f'tdnn{number}_bn')(x)
+            if self.dropout:
+                x = layers.Dropout(self.dropout, name=f'tdnn{number}_dropout')(x)
+            x = layers.Multiply(name=f'tdnn{number}_masked')([x, layers.Reshape((-1, 1))(mask)])
+        return StatsPooling(name='stats_pooling')([x, mask])
+
+
+class GruModel(SpeakerModel):
+    """Deep Speaker's GRU model: a 5x5 stride-2 convolution (64 filters), three GRU layers (1024 units at width
+    1.0; 22,565,248 parameters), temporal average."""
+
+    name = 'GRU'
+    width_probe = ('gru1', 'units', GRU_UNITS)
+
+    def body(self, fbank):
+        filters = self.scaled(RESCNN_FILTERS[0])
+        x = DeepSpeakerModel.conv(filters, 5, 2, 'conv64-s')(fbank)
+        x = layers.BatchNormalization(name='conv64-s_bn')(x)
+        x = layers.ReLU(max_value=CLIPPED_RELU_MAX, name='clipped_relu_0')(x)
+        x = layers.Reshape((-1, (NUM_FBANKS // 2) * filters), name='reshape')(x)
+        for number in range(1, GRU_LAYERS + 1):
+            x = layers.GRU(self.scaled(GRU_UNITS), return_sequences=True, name=f'gru{number}')(x)
+        return layers.GlobalAveragePooling1D(name='average')(x)
+
+
+MODELS: dict[str, type[SpeakerModel]] = {'rescnn': DeepSpeakerModel, 'tdnn': TdnnModel, 'gru': GruModel}
+
+
 def weighted_layer_names(model: keras.Model) -> list[str]:
     """Names of the model's layers that own weights."""
     return [layer.name for layer in model.layers if layer.weights]
@@ -172,14 +276,25 @@ def copy_weights_by_name(source: keras.Model, target: keras.Model) -> None:
             target.get_layer(name).set_weights(source_layers[name].get_weights())
 
 
-def checkpoint_width(path: str) -> float:
-    """The filter multiplier of the ResCNN in a .keras checkpoint, read from its config; 1.0 for other files."""
+def checkpoint_architecture(path: str, model: str = 'rescnn', width: float | None = None) -> tuple[str, float]:
+    """The (model name, width) of a .keras checkpoint, read from its config; (model, width or 1.0) for other
+    files, whose architecture must be given."""
     if not (path.endswith('.keras') and os.path.isfile(path)):
-        return 1.0
+        return model, width or 1.0
     with zipfile.ZipFile(path) as archive:
         config = json.loads(archive.read('config.json'))
-    stem = next(layer for layer in config['config']['layers'] if layer['name'] == 'conv64-s')
-    return stem['config']['filters'] / RESCNN_FILTERS[0]
+    name = next(key for key, cls in MODELS.items() if cls.name == config['config']['name'])
+    layer, key, full_size = MODELS[name].width_probe
+    probe = next(entry for entry in config['config']['layers'] if entry['name'] == layer)
+    return name, width or probe['config'][key] / full_size
+
+
+def build_model(path: str, model: str = 'rescnn', width: float | None = None, **kwargs) -> SpeakerModel:
+    """The embedding model a checkpoint was trained as (read from a .keras file), with its weights loaded."""
+    name, width = checkpoint_architecture(path, model, width)
+    speaker_model = MODELS[name](width=width, **kwargs)
+    load_checkpoint(speaker_model.m, path)
+    return speaker_model
 
 
 def load_checkpoint(model: keras.Model, path: str) -> list[str]:

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 from audio import read_mfcc  # noqa: E402
 from batcher import sample_from_mfcc  # noqa: E402
 from constants import NUM_FRAMES, SAMPLE_RATE  # noqa: E402
-from conv_models import CheckpointError, DeepSpeakerModel, checkpoint_width, load_checkpoint  # noqa: E402
+from conv_models import CheckpointError, build_model  # noqa: E402
 from test import batch_cosine_similarity  # noqa: E402
 
 SAMPLES = ['samples/PhilippeRemy/PhilippeRemy_001.wav', 'samples/PhilippeRemy/PhilippeRemy_002.wav',
@@ -29,8 +29,7 @@ def main(checkpoint, width):
     """Cosine similarity of PhilippeRemy_001 with the three other PhilippeRemy files (same speaker) and with a
     LibriSpeech speaker (different speaker)."""
     try:
-        model = DeepSpeakerModel(width=width or checkpoint_width(checkpoint))
-        load_checkpoint(model.m, checkpoint)
+        model = build_model(checkpoint, width=width)
     except CheckpointError as e:
         raise click.ClickException(str(e)) from None
     crops = np.stack([sample_from_mfcc(read_mfcc(path, SAMPLE_RATE), NUM_FRAMES) for path in SAMPLES])

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from audio import Audio, read_mfcc
 from batcher import Source, load_source, sample_from_mfcc, train_test_sources
 from constants import AUGMENTED_MARK, EMBEDDING_FILES_PER_CHUNK, NUM_FRAMES, NUM_NEGATIVE_SPEAKERS, WINDOW_HOP
-from conv_models import DeepSpeakerModel
+from conv_models import SpeakerModel
 from eval_metrics import Metrics, evaluate
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def anchor_and_positive(test_sources: list[Source], rng: np.random.Generator) ->
     return Source(path, start, middle), Source(path, middle, end)
 
 
-def eval_model(working_dir: str, model: DeepSpeakerModel, seed: int = 0,
+def eval_model(working_dir: str, model: SpeakerModel, seed: int = 0,
                num_negative_speakers: int = NUM_NEGATIVE_SPEAKERS) -> Metrics:
     """Metrics of the anchor/positive/negatives protocol over every cached speaker of `working_dir` (augmented
     copies left out).
@@ -121,7 +121,7 @@ def utterance_windows(mfcc: np.ndarray, crop: bool) -> np.ndarray:
     return np.stack([mfcc[start:start + NUM_FRAMES] for start in starts]).astype(np.float32)[..., np.newaxis]
 
 
-def embed_utterances(model: DeepSpeakerModel, files: list[Path], crop: bool = False) -> np.ndarray:
+def embed_utterances(model: SpeakerModel, files: list[Path], crop: bool = False) -> np.ndarray:
     """Deterministic embeddings of whole files: the mean of the window embeddings, re-normalised (or the centre
     crop's embedding with `crop`). Returns float32 (files, 512)."""
     embeddings = []
@@ -145,3 +145,15 @@ def write_scores(path: str, trials: Trials, scores: np.ndarray, audio_root: str)
     rows = [f'{label},{score:.6f},{names[a]},{names[b]}'
             for label, score, a, b in zip(trials.labels, scores, trials.enrol, trials.test, strict=True)]
     Path(path).write_text('label,score,enrol,test\n' + '\n'.join(rows) + '\n')
+
+
+def fused_scores(scores: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """Score fusion: the weighted mean of several systems' scores of the same trials, shape (trials,)."""
+    return np.average(np.stack(scores), axis=0, weights=weights)
+
+
+def concatenated_embeddings(embeddings: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """Embedding fusion: each system's unit embeddings scaled by sqrt(weight), concatenated, re-normalised; the
+    cosine of two fused embeddings is then the weighted mean of the systems' cosines. Shape (files, sum dims)."""
+    fused = np.concatenate([np.sqrt(w) * e for e, w in zip(embeddings, weights, strict=True)], axis=1)
+    return fused / np.linalg.norm(fused, axis=1, keepdims=True)

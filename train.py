@@ -32,7 +32,7 @@ from constants import (
     TRIPLET_MOMENTUM,
     TRIPLET_VALIDATION_BATCHES,
 )
-from conv_models import DeepSpeakerModel, load_checkpoint
+from conv_models import MODELS, load_checkpoint
 from triplet_loss import deep_speaker_loss
 
 logger = logging.getLogger(__name__)
@@ -138,8 +138,8 @@ def triplet_dataset(batcher: TripletBatcher, batch_size: int) -> tf.data.Dataset
     return tf.data.Dataset.from_generator(batches, output_signature=signature).prefetch(2)
 
 
-def phase_callbacks(directory: Path, working_dir: Path, phase: str, monitor: str, mode: str) -> list:
-    return [AtomicCheckpoint(directory, 'ResCNN', monitor, mode),
+def phase_callbacks(directory: Path, working_dir: Path, name: str, phase: str, monitor: str, mode: str) -> list:
+    return [AtomicCheckpoint(directory, name, monitor, mode),
             keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=REDUCE_LR_FACTOR,
                                               patience=REDUCE_LR_PATIENCE, min_lr=MIN_LEARNING_RATE),
             keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, min_delta=0.001,
@@ -148,9 +148,9 @@ def phase_callbacks(directory: Path, working_dir: Path, phase: str, monitor: str
             keras.callbacks.TensorBoard(log_dir=str(working_dir / LOGS_SUBDIR / phase))]
 
 
-def resumed_or_new(directory: Path, new_model) -> tuple[keras.Model, int]:
+def resumed_or_new(directory: Path, name: str, new_model) -> tuple[keras.Model, int]:
     """The phase's last checkpoint with its optimizer state and finished epochs, or `new_model()` and 0."""
-    last = directory / 'ResCNN_last.keras'
+    last = directory / f'{name}_last.keras'
     epoch = read_state(directory).get('epoch', 0)
     if last.exists() and epoch > 0:
         logger.info('Resuming from %s after epoch %d.', last, epoch)
@@ -169,8 +169,9 @@ def fit(model: keras.Model, initial_epoch: int, epochs: int, train, validation, 
 
 
 def train_softmax(working_dir: str, epochs: int, steps_per_epoch: int | None = None, width: float = 1.0,
-                  batch_size: int = BATCH_SIZE, seed: int = 0) -> Path:
-    """Softmax pre-training on kx_train, validated on kx_test; returns the best checkpoint's path."""
+                  batch_size: int = BATCH_SIZE, seed: int = 0, model_name: str = 'rescnn') -> Path:
+    """Softmax pre-training of the model `model_name` (a key of conv_models.MODELS) on kx_train, validated on
+    kx_test; returns the best checkpoint's path."""
     keras.utils.set_random_seed(seed)
     working_dir = Path(working_dir).expanduser()
     converter = KerasFormatConverter(str(working_dir))
@@ -180,25 +181,26 @@ def train_softmax(working_dir: str, epochs: int, steps_per_epoch: int | None = N
     directory.mkdir(parents=True, exist_ok=True)
 
     def new_model():
-        dsm = DeepSpeakerModel(include_softmax=True, num_speakers_softmax=converter.num_speakers, width=width)
+        dsm = MODELS[model_name](include_softmax=True, num_speakers_softmax=converter.num_speakers, width=width)
         dsm.m.compile(optimizer=keras.optimizers.Adam(SOFTMAX_LEARNING_RATE),
                       loss='sparse_categorical_crossentropy', metrics=['accuracy'])
         return dsm.m
 
-    model, initial_epoch = resumed_or_new(directory, new_model)
+    name = MODELS[model_name].name
+    model, initial_epoch = resumed_or_new(directory, name, new_model)
     logger.info('Softmax phase: %d speakers, %d training crops, %s parameters.', converter.num_speakers,
                 len(kx_train), f'{model.count_params():,}')
     steps = steps_per_epoch or math.ceil(len(kx_train) / batch_size)
     fit(model, initial_epoch, epochs, softmax_dataset(kx_train, ky_train, batch_size, seed),
         softmax_dataset(kx_test, ky_test, batch_size, None), steps,
-        phase_callbacks(directory, working_dir, 'softmax', 'val_accuracy', 'max'))
-    return best_checkpoint(directory)
+        phase_callbacks(directory, working_dir, name, 'softmax', 'val_accuracy', 'max'))
+    return best_checkpoint(directory, name)
 
 
 def train_triplet(working_dir: str, epochs: int, steps_per_epoch: int = 100, width: float = 1.0,
                   batch_size: int = BATCH_SIZE, seed: int = 0, learning_rate: float = TRIPLET_LEARNING_RATE,
                   mining: str = 'hard', history_size: int = MINING_HISTORY_SIZE,
-                  refresh_every: int = MINING_REFRESH_EVERY) -> Path:
+                  refresh_every: int = MINING_REFRESH_EVERY, model_name: str = 'rescnn') -> Path:
     """Triplet training (SGD, deep_speaker_loss) started from the best softmax checkpoint when there is one;
     returns the best checkpoint's path (by val_loss on fixed random triplets of kx_test).
 
@@ -212,10 +214,11 @@ def train_triplet(working_dir: str, epochs: int, steps_per_epoch: int = 100, wid
     kx_test, ky_test = converter.load('test')
     directory = working_dir / CHECKPOINTS_TRIPLET_DIR
     directory.mkdir(parents=True, exist_ok=True)
+    name = MODELS[model_name].name
 
     def new_model():
-        dsm = DeepSpeakerModel(width=width)
-        pre_trained = best_checkpoint(working_dir / CHECKPOINTS_SOFTMAX_DIR)
+        dsm = MODELS[model_name](width=width)
+        pre_trained = best_checkpoint(working_dir / CHECKPOINTS_SOFTMAX_DIR, name)
         if pre_trained.exists():
             logger.info('Initialising from the softmax checkpoint %s.', pre_trained)
             load_checkpoint(dsm.m, str(pre_trained))
@@ -226,8 +229,8 @@ def train_triplet(working_dir: str, epochs: int, steps_per_epoch: int = 100, wid
                       loss=deep_speaker_loss)
         return dsm.m
 
-    model, initial_epoch = resumed_or_new(directory, new_model)
-    callbacks = phase_callbacks(directory, working_dir, 'triplet', 'val_loss', 'min')
+    model, initial_epoch = resumed_or_new(directory, name, new_model)
+    callbacks = phase_callbacks(directory, working_dir, name, 'triplet', 'val_loss', 'min')
     selector = random_triplets
     if mining != 'random':
         selector = HardNegativeMiner(ky_train, mining, history_size, seed + initial_epoch)
@@ -241,4 +244,4 @@ def train_triplet(working_dir: str, epochs: int, steps_per_epoch: int = 100, wid
                 f'{model.count_params():,}', mining)
     fit(model, initial_epoch, epochs, triplet_dataset(train_batcher, batch_size), validation, steps_per_epoch,
         callbacks)
-    return best_checkpoint(directory)
+    return best_checkpoint(directory, name)

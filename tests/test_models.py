@@ -409,7 +409,7 @@ def test_unknown_checkpoint_extension_raises(tmp_path, small_model):
 def test_keras_checkpoint_of_another_width_raises(tmp_path, small_model):
     path = tmp_path / 'wide.keras'
     DeepSpeakerModel(width=0.25).m.save(str(path))
-    assert conv_models.checkpoint_width(str(path)) == 0.25
+    assert conv_models.checkpoint_architecture(str(path))[1] == 0.25
     with pytest.raises(CheckpointError) as error:
         conv_models.load_checkpoint(small_model.m, str(path))
     assert str(path) in str(error.value)
@@ -447,8 +447,8 @@ def test_keras_round_trip_into_a_triplet_model(softmax_checkpoint, small_model):
 
 def test_checkpoint_width_reads_the_keras_file(softmax_checkpoint, tmp_path):
     _, path = softmax_checkpoint
-    assert conv_models.checkpoint_width(str(path)) == SMALL_WIDTH
-    assert conv_models.checkpoint_width(str(tmp_path / 'absent.keras')) == 1.0
+    assert conv_models.checkpoint_architecture(str(path))[1] == SMALL_WIDTH
+    assert conv_models.checkpoint_architecture(str(tmp_path / "absent.keras"))[1] == 1.0
 
 
 def test_weights_h5_round_trip(tmp_path):
@@ -480,11 +480,11 @@ def test_copy_weights_by_name_between_widths_of_same_shape():
 
 @pytest.mark.parametrize('width', [0.25, 0.3, 0.7])
 def test_checkpoint_width_rebuilds_the_saved_architecture(tmp_path, width):
-    """cli test-model builds DeepSpeakerModel(width=checkpoint_width(file)) and loads the file into it."""
+    """cli test-model builds the model with the width checkpoint_architecture(file) reads and loads the file into it."""
     saved = DeepSpeakerModel(width=width)
     path = tmp_path / f'width{width}.keras'
     saved.m.save(str(path))
-    read_width = conv_models.checkpoint_width(str(path))
+    read_width = conv_models.checkpoint_architecture(str(path))[1]
     assert read_width == pytest.approx(width, abs=0.01)
     rebuilt = DeepSpeakerModel(width=read_width)
     assert rebuilt.filters == saved.filters
@@ -504,7 +504,7 @@ def test_pcm_model_keras_round_trip(tmp_path, trimmed_audio):
     randomise(source.m, seed=14)
     path = tmp_path / 'pcm.keras'
     source.m.save(str(path))
-    assert conv_models.checkpoint_width(str(path)) == SMALL_WIDTH
+    assert conv_models.checkpoint_architecture(str(path))[1] == SMALL_WIDTH
     target = DeepSpeakerModel(pcm_input=True, width=SMALL_WIDTH)
     assert conv_models.load_checkpoint(target.m, str(path)) == []
     x = trimmed_audio[np.newaxis, :8000]
