@@ -220,7 +220,10 @@ def history_sample(labels: np.ndarray, size: int, rng: np.random.Generator) -> n
     picks = []
     for speaker in speakers:
         candidates = np.flatnonzero(labels == speaker)
-        picks.append(rng.choice(candidates, size=per_speaker, replace=len(candidates) < per_speaker))
+        if len(candidates) >= per_speaker:
+            picks.append(rng.choice(candidates, size=per_speaker, replace=False))
+        else:  # every distinct crop, then repeats: two history entries of a speaker are two different crops.
+            picks.append(np.concatenate([candidates, rng.choice(candidates, size=per_speaker - len(candidates))]))
     return np.concatenate(picks)
 
 

@@ -48,18 +48,20 @@ def evaluate(sims: np.ndarray, labels: np.ndarray) -> Metrics:
 
 
 def error_rates(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Miss and false-alarm rates at every threshold between sorted scores (accept when score >= threshold).
+    """Miss and false-alarm rates at every threshold that separates the sorted scores (accept score >= threshold).
 
-    Returns (thresholds, p_miss, p_fa), each of shape (trials + 1,): the first threshold accepts everything,
-    the last nothing. labels: 1 target, 0 non-target; both classes must be present.
+    Returns (thresholds, p_miss, p_fa), one entry per distinct score plus one: the first threshold accepts
+    everything, the last (inf) nothing; equal scores are never split. labels: 1 target, 0 non-target; both
+    classes must be present.
     """
     order = np.argsort(scores, kind='stable')
     sorted_scores, sorted_labels = np.asarray(scores)[order], np.asarray(labels)[order].astype(bool)
     n_target, n_nontarget = sorted_labels.sum(), (~sorted_labels).sum()
     misses = np.concatenate([[0], np.cumsum(sorted_labels)])
     kept_nontargets = np.concatenate([[0], np.cumsum(~sorted_labels)])
-    thresholds = np.concatenate([sorted_scores, [np.inf]])
-    return thresholds, misses / n_target, (n_nontarget - kept_nontargets) / n_nontarget
+    cuts = np.concatenate([[0], np.flatnonzero(np.diff(sorted_scores)) + 1, [len(sorted_scores)]])
+    thresholds = np.concatenate([sorted_scores, [np.inf]])[cuts]
+    return thresholds, misses[cuts] / n_target, (n_nontarget - kept_nontargets[cuts]) / n_nontarget
 
 
 def equal_error_rate(scores: np.ndarray, labels: np.ndarray) -> float:

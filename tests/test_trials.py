@@ -1,0 +1,381 @@
+"""Trial-list evaluation: test.read_trials, utterance windows and embeddings, scores, the EER / minDCF / DET metrics
+of eval_metrics (checked against scikit-learn and brute force) and `cli.py eval-trials` end to end."""
+
+import csv
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_curve
+
+import test as evaluation
+from eval_metrics import equal_error_rate, error_rates, min_dcf, plot_det
+
+ROOT = Path(__file__).resolve().parents[1]
+AUDIO_ROOT = ROOT / 'samples' / 'LibriSpeech' / 'test-other'
+SHORT_A1, SHORT_A2 = '3005/163389/3005-163389-0004.flac', '3005/163389/3005-163389-0007.flac'
+SHORT_B1, SHORT_B2 = '367/130732/367-130732-0000.flac', '367/130732/367-130732-0006.flac'
+LONG = '1688/142285/1688-142285-0003.flac'  # 5 s, 380 frames after trimming: four windows.
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+RESULT_LINE = re.compile(r'EER = ([\d.]+) %, minDCF\(p_target=0\.01\) = ([\d.]+)')
+
+
+# ---------------------------------------------------------------------------------------------------- read_trials
+
+@pytest.fixture
+def audio_root(tmp_path, copy_librispeech) -> Path:
+    root = tmp_path / 'audio'
+    copy_librispeech(root, ['3005-163389-0004', '3005-163389-0007', '367-130732-0000'])
+    return root
+
+
+def write_list(path: Path, lines: list[str]) -> str:
+    path.write_text('\n'.join(lines) + '\n')
+    return str(path)
+
+
+def test_read_trials_parses_labels_sides_and_distinct_files(tmp_path, audio_root):
+    trials_file = write_list(tmp_path / 'trials.txt', [
+        f'1 {SHORT_A1} {SHORT_A2}',
+        '',
+        f'0 {SHORT_A1} {SHORT_B1}',
+        '   ',
+        f'0\t{SHORT_B1}   {SHORT_A2}',
+        f'1 {SHORT_A2} {SHORT_A1}',
+    ])
+    trials = evaluation.read_trials(trials_file, str(audio_root))
+    assert trials.labels.tolist() == [1, 0, 0, 1]
+    assert trials.files == [audio_root / SHORT_A1, audio_root / SHORT_A2, audio_root / SHORT_B1]
+    assert [trials.files[i] for i in trials.enrol] == [audio_root / n for n in (SHORT_A1, SHORT_A1, SHORT_B1,
+                                                                                SHORT_A2)]
+    assert [trials.files[i] for i in trials.test] == [audio_root / n for n in (SHORT_A2, SHORT_B1, SHORT_A2,
+                                                                               SHORT_A1)]
+    assert len(set(trials.files)) == len(trials.files)
+
+
+@pytest.mark.parametrize('lines, bad_line, message', [
+    ([f'1 {SHORT_A1} {SHORT_A2}', '', f'0 {SHORT_A1} 3005/163389/absent.flac'], 3, 'does not exist'),
+    ([f'1 {SHORT_A1} {SHORT_A2}', f'0 {SHORT_A1}'], 2, 'expected "label path path"'),
+    ([f'1 {SHORT_A1} {SHORT_A2} extra'], 1, 'expected "label path path"'),
+    ([f'1 {SHORT_A1} {SHORT_A2}', f'2 {SHORT_A1} {SHORT_B1}'], 2, "label '2'"),
+    ([f'yes {SHORT_A1} {SHORT_B1}'], 1, "label 'yes'"),
+])
+def test_read_trials_errors_name_the_file_and_line(tmp_path, audio_root, lines, bad_line, message):
+    trials_file = write_list(tmp_path / 'trials.txt', lines)
+    with pytest.raises(evaluation.TrialError) as error:
+        evaluation.read_trials(trials_file, str(audio_root))
+    assert str(error.value).startswith(f'{trials_file}:{bad_line}: ')
+    assert message in str(error.value)
+
+
+def test_read_trials_missing_file_message_names_the_path(tmp_path, audio_root):
+    trials_file = write_list(tmp_path / 'trials.txt', [f'1 {SHORT_A1} nowhere/x.flac'])
+    with pytest.raises(evaluation.TrialError, match=re.escape(str(audio_root / 'nowhere' / 'x.flac'))):
+        evaluation.read_trials(trials_file, str(audio_root))
+
+
+@pytest.mark.parametrize('content', ['', '\n\n   \n'])
+def test_read_trials_empty_list_raises(tmp_path, audio_root, content):
+    trials_file = tmp_path / 'trials.txt'
+    trials_file.write_text(content)
+    with pytest.raises(evaluation.TrialError, match=re.escape(f'{trials_file}: no trials')):
+        evaluation.read_trials(str(trials_file), str(audio_root))
+
+
+# ------------------------------------------------------------------------------------------------------ metrics
+
+def sklearn_eer(scores: np.ndarray, labels: np.ndarray) -> float:
+    """EER from scikit-learn's ROC: linear interpolation where fnr - fpr changes sign."""
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    difference = (1 - tpr) - fpr  # from 1 (accept nothing) down to -1 (accept everything).
+    k = int(np.flatnonzero(difference <= 0)[0])
+    if difference[k] == 0:
+        return float(fpr[k])
+    t = difference[k - 1] / (difference[k - 1] - difference[k])
+    return float(fpr[k - 1] + t * (fpr[k] - fpr[k - 1]))
+
+
+def brute_force_min_dcf(scores, labels, p_target, c_miss=1.0, c_fa=1.0) -> float:
+    """Minimum normalised cost over every realisable threshold: each distinct score, plus one above them all."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    best = np.inf
+    for threshold in [*np.unique(scores), np.inf]:
+        p_miss = np.mean(scores[labels] < threshold)
+        p_fa = np.mean(scores[~labels] >= threshold)
+        best = min(best, c_miss * p_target * p_miss + c_fa * (1 - p_target) * p_fa)
+    return best / min(c_miss * p_target, c_fa * (1 - p_target))
+
+
+def random_trials(seed: int, n_target: int = 150, n_nontarget: int = 900, shift: float = 1.5):
+    rng = np.random.default_rng(seed)
+    scores = np.concatenate([rng.normal(shift, 1.0, n_target), rng.normal(0.0, 1.0, n_nontarget)])
+    labels = np.concatenate([np.ones(n_target, dtype=int), np.zeros(n_nontarget, dtype=int)])
+    order = rng.permutation(len(scores))
+    return scores[order], labels[order]
+
+
+@pytest.mark.parametrize('seed', range(5))
+def test_eer_matches_sklearn_roc_on_random_scores(seed):
+    scores, labels = random_trials(seed, shift=0.5 + 0.5 * seed)
+    # Both interpolate on the same polyline of operating points; only float rounding can differ.
+    assert equal_error_rate(scores, labels) == pytest.approx(sklearn_eer(scores, labels), abs=1e-12)
+
+
+def test_eer_matches_sklearn_on_small_uneven_lists():
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        n_target, n_nontarget = rng.integers(1, 6), rng.integers(1, 9)
+        scores = rng.standard_normal(n_target + n_nontarget)
+        labels = np.array([1] * n_target + [0] * n_nontarget)
+        assert equal_error_rate(scores, labels) == pytest.approx(sklearn_eer(scores, labels), abs=1e-12)
+
+
+def test_eer_of_separable_scores_is_zero_and_of_inverted_scores_is_one():
+    scores = np.array([0.9, 0.8, 0.75, 0.2, 0.1, -0.3])
+    labels = np.array([1, 1, 1, 0, 0, 0])
+    assert equal_error_rate(scores, labels) == 0.0
+    assert equal_error_rate(-scores, labels) == pytest.approx(1.0)
+    assert sklearn_eer(-scores, labels) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize('targets, nontargets, expected', [
+    # Sorted: 0.1t 0.2n 0.3n 0.4t 0.5n 0.7t 0.8t. Rejecting 0.1, 0.2, 0.3: miss 1/4, fa 1/3; rejecting 0.4 too:
+    # miss 2/4, fa 1/3. The curves cross on that step, where the false-alarm rate stays 1/3.
+    ([0.8, 0.7, 0.4, 0.1], [0.5, 0.3, 0.2], 1 / 3),
+    # Sorted: 0.1n 0.2t 0.8n 0.9t. Rejecting 0.1 and 0.2: miss 1/2 = fa 1/2 exactly.
+    ([0.9, 0.2], [0.8, 0.1], 1 / 2),
+    # Sorted: 0.2n 0.3t 0.6t 0.7n 0.9t: miss goes 1/3 -> 2/3 while fa stays 1/2.
+    ([0.9, 0.6, 0.3], [0.7, 0.2], 1 / 2),
+])
+def test_eer_hand_computed(targets, nontargets, expected):
+    scores = np.array(targets + nontargets)
+    labels = np.array([1] * len(targets) + [0] * len(nontargets))
+    assert equal_error_rate(scores, labels) == pytest.approx(expected, abs=1e-12)
+    assert sklearn_eer(scores, labels) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize('labels', [[0, 0, 1, 1], [1, 1, 0, 0], [0, 1, 0, 1]])
+def test_eer_of_identical_scores_is_one_half_whatever_the_trial_order(labels):
+    """All scores equal (e.g. a collapsed model): no threshold separates anything, so the EER is 50 %."""
+    scores, labels = np.full(4, 0.7), np.array(labels)
+    assert sklearn_eer(scores, labels) == pytest.approx(0.5)
+    assert equal_error_rate(scores, labels) == pytest.approx(0.5)
+
+
+def test_eer_with_tied_scores_matches_sklearn():
+    scores, labels = random_trials(0, n_target=40, n_nontarget=120, shift=1.0)
+    scores = np.round(scores, 0)  # a handful of distinct values, each shared by targets and non-targets.
+    assert equal_error_rate(scores, labels) == pytest.approx(sklearn_eer(scores, labels), abs=1e-12)
+
+
+def test_min_dcf_with_tied_scores_equals_brute_force():
+    scores, labels = random_trials(1, n_target=40, n_nontarget=120, shift=1.0)
+    scores = np.round(scores, 0)
+    assert min_dcf(scores, labels, 0.05) == pytest.approx(brute_force_min_dcf(scores, labels, 0.05), abs=1e-12)
+
+
+@pytest.mark.parametrize('p_target', [0.01, 0.05])
+@pytest.mark.parametrize('seed', range(3))
+def test_min_dcf_equals_brute_force_over_thresholds(p_target, seed):
+    scores, labels = random_trials(seed, n_target=100, n_nontarget=600, shift=2.0)
+    assert min_dcf(scores, labels, p_target) == pytest.approx(brute_force_min_dcf(scores, labels, p_target),
+                                                              abs=1e-12)
+
+
+def test_min_dcf_with_other_costs_equals_brute_force():
+    scores, labels = random_trials(3, n_target=60, n_nontarget=300)
+    for c_miss, c_fa in ((10.0, 1.0), (1.0, 10.0)):
+        assert min_dcf(scores, labels, 0.05, c_miss, c_fa) == pytest.approx(
+            brute_force_min_dcf(scores, labels, 0.05, c_miss, c_fa), abs=1e-12)
+
+
+def test_min_dcf_hand_computed():
+    # Separable: a threshold with no error exists, cost 0. Inverted: best is to reject everything (p_miss 1):
+    # cost 0.01 * 1, normalised by 0.01.
+    scores, labels = np.array([0.9, 0.8, 0.3, 0.2]), np.array([1, 1, 0, 0])
+    assert min_dcf(scores, labels, 0.01) == 0.0
+    assert min_dcf(-scores, labels, 0.01) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize('labels', [[0, 0, 1, 1], [1, 1, 0, 0]])
+def test_min_dcf_of_identical_scores_is_one(labels):
+    """All scores equal: accept all (cost 0.99 / 0.01) or reject all (cost 1): minDCF 1 in any trial order."""
+    scores, labels = np.full(4, 0.7), np.array(labels)
+    assert brute_force_min_dcf(scores, labels, 0.01) == pytest.approx(1.0)
+    assert min_dcf(scores, labels, 0.01) == pytest.approx(1.0)
+
+
+def test_error_rates_endpoints_and_thresholds():
+    scores, labels = random_trials(0, n_target=30, n_nontarget=70)
+    thresholds, p_miss, p_fa = error_rates(scores, labels)
+    assert thresholds.shape == p_miss.shape == p_fa.shape == (len(scores) + 1,)
+    assert (p_miss[0], p_fa[0]) == (0.0, 1.0)  # the first threshold accepts everything.
+    assert (p_miss[-1], p_fa[-1]) == (1.0, 0.0)  # the last rejects everything.
+    assert np.all(np.diff(p_miss) >= 0) and np.all(np.diff(p_fa) <= 0)
+    for threshold, miss, fa in zip(thresholds, p_miss, p_fa, strict=True):
+        assert miss == pytest.approx(np.mean(scores[labels == 1] < threshold))
+        assert fa == pytest.approx(np.mean(scores[labels == 0] >= threshold))
+
+
+@pytest.mark.parametrize('separable', [False, True])
+def test_plot_det_writes_a_readable_png(tmp_path, separable):
+    import matplotlib.image
+
+    scores, labels = random_trials(1, shift=8.0 if separable else 1.5)
+    path = tmp_path / 'det.png'
+    plot_det(scores, labels, str(path), title='test')
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 1000
+    image = matplotlib.image.imread(str(path))
+    assert image.shape[:2] == (500, 500)  # 5 x 5 inches at 100 dpi.
+    assert image.std() > 0  # not a blank canvas.
+
+
+# -------------------------------------------------------------------------------------------- windows, embeddings
+
+def features(frames: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((frames, 64)).astype(np.float32)
+
+
+def expected_starts(frames: int) -> list[int]:
+    """Windows of 160 frames every 80, plus one ending at the last frame if the hop does not land there."""
+    starts = list(range(0, frames - 160 + 1, 80))
+    if starts[-1] != frames - 160:
+        starts.append(frames - 160)
+    return starts
+
+
+def test_crop_gives_the_centre_crop():
+    mfcc = features(500)
+    windows = evaluation.utterance_windows(mfcc, crop=True)
+    assert windows.shape == (1, 160, 64, 1) and windows.dtype == np.float32
+    np.testing.assert_array_equal(windows[0, :, :, 0], mfcc[170:330])
+
+
+@pytest.mark.parametrize('frames', [161, 239, 240, 400, 500, 1234])
+def test_long_utterance_windows_are_slices_every_80_frames(frames):
+    mfcc = features(frames)
+    windows = evaluation.utterance_windows(mfcc, crop=False)
+    starts = expected_starts(frames)
+    assert windows.shape == (len(starts), 160, 64, 1) and windows.dtype == np.float32
+    for window, start in zip(windows, starts, strict=True):
+        np.testing.assert_array_equal(window[:, :, 0], mfcc[start:start + 160])
+    np.testing.assert_array_equal(windows[-1, -1, :, 0], mfcc[-1])  # the last window ends at the last frame.
+
+
+@pytest.mark.parametrize('crop', [False, True])
+def test_exact_and_short_utterances_give_one_window(crop):
+    exact = features(160)
+    np.testing.assert_array_equal(evaluation.utterance_windows(exact, crop)[:, :, :, 0], exact[np.newaxis])
+    short = features(100)
+    windows = evaluation.utterance_windows(short, crop)
+    assert windows.shape == (1, 160, 64, 1)
+    np.testing.assert_array_equal(windows[0, :100, :, 0], short)
+    assert not windows[0, 100:].any()
+
+
+@pytest.fixture(scope='module')
+def model():
+    from conv_models import DeepSpeakerModel
+    return DeepSpeakerModel(width=0.125)
+
+
+def manual_embedding(model, path: Path, crop: bool) -> np.ndarray:
+    from audio import read_mfcc
+    windows = evaluation.utterance_windows(read_mfcc(str(path)), crop)
+    mean = model.m.predict(windows, verbose=0).astype(np.float64).mean(axis=0)
+    return mean / np.linalg.norm(mean)
+
+
+def test_embed_utterances_is_deterministic_unit_norm_and_the_mean_of_its_windows(model):
+    from audio import read_mfcc
+
+    files = [AUDIO_ROOT / LONG, AUDIO_ROOT / SHORT_A1, AUDIO_ROOT / SHORT_B1]
+    assert len(evaluation.utterance_windows(read_mfcc(str(files[0])), crop=False)) == 4
+    first = evaluation.embed_utterances(model, files)
+    second = evaluation.embed_utterances(model, files)
+    assert first.shape == (3, 512) and first.dtype == np.float32
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
+    for row, path in zip(first, files, strict=True):
+        np.testing.assert_allclose(row, manual_embedding(model, path, crop=False), atol=2e-5)
+
+    cropped = evaluation.embed_utterances(model, files, crop=True)
+    np.testing.assert_allclose(np.linalg.norm(cropped, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(cropped[0], manual_embedding(model, files[0], crop=True), atol=2e-5)
+    assert np.abs(cropped[0] - first[0]).max() > 1e-3  # the long file: one crop is not the whole utterance.
+
+
+def test_embed_utterances_over_several_chunks_keeps_the_file_order(model):
+    files = [AUDIO_ROOT / LONG, AUDIO_ROOT / SHORT_A2] * 17  # 34 files: two chunks of up to 32.
+    embeddings = evaluation.embed_utterances(model, files)
+    assert embeddings.shape == (34, 512)
+    long_alone, short_alone = evaluation.embed_utterances(model, files[:2])
+    np.testing.assert_allclose(embeddings[0::2], np.tile(long_alone, (17, 1)), atol=2e-5)
+    np.testing.assert_allclose(embeddings[1::2], np.tile(short_alone, (17, 1)), atol=2e-5)
+    assert np.abs(long_alone - short_alone).max() > 1e-3
+
+
+def test_score_trials_is_the_cosine_of_each_pair(tmp_path, audio_root):
+    trials_file = write_list(tmp_path / 't.txt', [f'1 {SHORT_A1} {SHORT_A2}', f'0 {SHORT_A2} {SHORT_B1}',
+                                                  f'0 {SHORT_B1} {SHORT_B1}'])
+    trials = evaluation.read_trials(trials_file, str(audio_root))
+    embeddings = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, -1.0]])
+    np.testing.assert_allclose(evaluation.score_trials(embeddings, trials), [0.6, -0.8, 1.0])
+
+
+def test_write_scores_rows_follow_the_trial_order(tmp_path, audio_root):
+    lines = [f'0 {SHORT_B1} {SHORT_A1}', f'1 {SHORT_A1} {SHORT_A2}', f'0 {SHORT_A2} {SHORT_B1}']
+    trials = evaluation.read_trials(write_list(tmp_path / 't.txt', lines), str(audio_root))
+    scores = np.array([0.1234567, -0.5, 0.987654321])
+    path = tmp_path / 'scores.csv'
+    evaluation.write_scores(str(path), trials, scores, str(audio_root))
+    with open(path, newline='') as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ['label', 'score', 'enrol', 'test']
+    assert rows[1:] == [line.split()[:1] + [f'{s:.6f}'] + line.split()[1:] for line, s in zip(lines, scores,
+                                                                                                   strict=True)]
+
+
+# ------------------------------------------------------------------------------------------------------ the CLI
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, 'cli.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_eval_trials_prints_eer_and_min_dcf_of_the_scores_it_writes(tmp_path, model):
+    checkpoint = tmp_path / 'tiny.keras'
+    model.m.save(checkpoint)
+    lines = [f'1 {SHORT_A1} {SHORT_A2}', f'1 {SHORT_B1} {SHORT_B2}', f'0 {SHORT_A1} {SHORT_B1}',
+             f'0 {SHORT_A2} {SHORT_B2}', f'0 {SHORT_A1} {SHORT_B2}', f'0 {SHORT_A2} {SHORT_B1}']
+    trials_file = write_list(tmp_path / 'trials.txt', lines)
+    scores_file, det_plot = tmp_path / 'scores.csv', tmp_path / 'det.png'
+    result = run_cli('eval-trials', '--trials', trials_file, '--audio_root', str(AUDIO_ROOT), '--checkpoint_file',
+                     str(checkpoint), '--scores_file', str(scores_file), '--det_plot', str(det_plot))
+    assert result.returncode == 0, result.stderr[-3000:]
+    match = RESULT_LINE.search(result.stdout)
+    assert match, result.stdout
+    with open(scores_file, newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6
+    assert [f"{r['label']} {r['enrol']} {r['test']}" for r in rows] == lines
+    scores, labels = np.array([float(r['score']) for r in rows]), np.array([int(r['label']) for r in rows])
+    assert np.all(np.abs(scores) <= 1.0 + 1e-6)
+    assert float(match.group(1)) == pytest.approx(100 * equal_error_rate(scores, labels), abs=0.005 + 1e-9)
+    assert float(match.group(2)) == pytest.approx(min_dcf(scores, labels, 0.01), abs=5e-5 + 1e-9)
+    assert det_plot.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_cli_eval_trials_with_a_missing_file_is_a_one_line_error(tmp_path):
+    trials_file = write_list(tmp_path / 'trials.txt', [f'1 {SHORT_A1} {SHORT_A2}', '',
+                                                       f'0 {SHORT_A1} 3005/163389/absent.flac'])
+    result = run_cli('eval-trials', '--trials', trials_file, '--audio_root', str(AUDIO_ROOT), '--checkpoint_file',
+                     str(tmp_path / 'unused.keras'), '--scores_file', str(tmp_path / 's.csv'))
+    assert result.returncode == 1
+    assert 'Traceback' not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f'Error: {trials_file}:3: ') and 'absent.flac does not exist' in last
+    assert not (tmp_path / 's.csv').exists()
