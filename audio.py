@@ -186,13 +186,34 @@ def speaker_of(audio_file: Path, audio_dir: Path) -> str:
 
 
 def save_npy_atomically(path: Path, array: np.ndarray) -> None:
-    """Writes `array` to `path` through a uniquely named temporary file, so `path` is whole or absent."""
-    tmp = path.with_name(f'.{path.stem}.{uuid.uuid4().hex}.tmp.npy')
+    """Writes `array` to `path` through a uniquely named temporary file (`.<stem>.<pid>-<random>.tmp.npy`), so
+    `path` is whole or absent."""
+    tmp = path.with_name(f'.{path.stem}.{os.getpid()}-{uuid.uuid4().hex}.tmp.npy')
     try:
         np.save(tmp, array)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_orphan_temp_files(directory: Path) -> int:
+    """Deletes the temporary files that killed cache builds left (their writing process is gone); returns how
+    many. Temporary files of builds still running are kept."""
+    orphans = [tmp for tmp in directory.glob('*/.*.tmp.npy')
+               if not process_is_alive(int(tmp.name.rsplit('.', 3)[-3].split('-')[0]))]
+    for tmp in orphans:
+        tmp.unlink(missing_ok=True)
+    return len(orphans)
 
 
 def augmentations(speed_perturb: bool, noises: list[str], snr_range: tuple[float, float]) -> list[Augmentation]:
@@ -247,6 +268,8 @@ class Audio:
         """
         if not audio_dir.is_dir():
             raise FileNotFoundError(f'--audio_dir {audio_dir}: no such directory.')
+        if removed := remove_orphan_temp_files(self.cache_dir):
+            logger.info('Removed %d temporary files of an interrupted build.', removed)
         files = find_audio_files(str(audio_dir))
         if not files:
             raise FileNotFoundError(f'--audio_dir {audio_dir}: no .flac or .wav files; expected '
