@@ -207,7 +207,8 @@ class TdnnModel(SpeakerModel):
 
     Defaults: contexts [t-2..t+2], {t-2,t,t+2}, {t-3,t,t+3}, {t}, {t} of 512, 512, 512, 512, 1500 units
     (4,321,100 parameters with the 512-d segment layer at width 1.0); `frame_layers` overrides them as
-    (units, kernel, dilation) tuples, before `width` scales the units.
+    (units, kernel, dilation) tuples, before `width` scales the units (every layer by the ratio the first layer
+    was rounded to, so a checkpoint's width reads back exactly).
     """
 
     name = 'TDNN'
@@ -221,9 +222,12 @@ class TdnnModel(SpeakerModel):
         frames = layers.Reshape((-1, NUM_FBANKS), name='frames')(fbank)
         mask = FrameMask(name='frame_mask')(frames)
         x = frames
+        first_units = self.frame_layers[0][0]
+        ratio = self.scaled(first_units) / first_units  # the first layer's size fixes the width read back.
         for number, (units, kernel, dilation) in enumerate(self.frame_layers, start=1):
-            x = layers.Conv1D(self.scaled(units), kernel, dilation_rate=dilation, padding='same', activation='relu',
-                              kernel_regularizer=regularizers.l2(L2_WEIGHT_DECAY), name=f'tdnn{number}')(x)
+            x = layers.Conv1D(max(1, int(round(units * ratio))), kernel, dilation_rate=dilation, padding='same',
+                              activation='relu', kernel_regularizer=regularizers.l2(L2_WEIGHT_DECAY),
+                              name=f'tdnn{number}')(x)
             x = layers.BatchNormalization(name=f'tdnn{number}_bn')(x)
             if self.dropout:
                 x = layers.Dropout(self.dropout, name=f'tdnn{number}_dropout')(x)

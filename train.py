@@ -42,13 +42,13 @@ CROP_SPEC = tf.TensorSpec((None, NUM_FRAMES, NUM_FBANKS, 1), tf.float32)
 
 class AtomicCheckpoint(keras.callbacks.Callback):
     """After each epoch saves `<name>_last.keras` (model and optimizer, for resuming) and, when `monitor`
-    improves, `<name>_best.keras`; `state.json` records the epoch and best value. Writes go through a
+    improves, `<name>_best.keras`; `<name>_state.json` records the epoch and best value. Writes go through a
     temporary file and a rename, so a killed write never leaves a checkpoint that loads wrong."""
 
     def __init__(self, directory: Path, name: str, monitor: str, mode: str):
         super().__init__()
         self.directory, self.name, self.monitor, self.mode = directory, name, monitor, mode
-        self.best = read_state(directory).get('best')
+        self.best = read_state(directory, name).get('best')
 
     def improved(self, value: float) -> bool:
         return self.best is None or (value > self.best if self.mode == 'max' else value < self.best)
@@ -69,9 +69,9 @@ class AtomicCheckpoint(keras.callbacks.Callback):
             logger.info('Epoch %d: %s = %.4f, new best checkpoint.', epoch + 1, self.monitor, value)
         self.save(f'{self.name}_last.keras')
         state = {'epoch': epoch + 1, 'best': self.best, 'monitor': self.monitor}
-        tmp = self.directory / '.state.json.tmp'
+        tmp = self.directory / f'.{self.name}_state.json.tmp'
         tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.directory / 'state.json')
+        os.replace(tmp, self.directory / f'{self.name}_state.json')
 
 
 class MiningRefresh(keras.callbacks.Callback):
@@ -102,9 +102,9 @@ class MiningRefresh(keras.callbacks.Callback):
         self.refresh_seconds.clear()
 
 
-def read_state(directory: Path) -> dict:
+def read_state(directory: Path, name: str) -> dict:
     """The phase's progress ({'epoch': finished epochs, 'best': best monitored value}), {} before the first epoch."""
-    path = directory / 'state.json'
+    path = directory / f'{name}_state.json'
     return json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -151,7 +151,7 @@ def phase_callbacks(directory: Path, working_dir: Path, name: str, phase: str, m
 def resumed_or_new(directory: Path, name: str, new_model) -> tuple[keras.Model, int]:
     """The phase's last checkpoint with its optimizer state and finished epochs, or `new_model()` and 0."""
     last = directory / f'{name}_last.keras'
-    epoch = read_state(directory).get('epoch', 0)
+    epoch = read_state(directory, name).get('epoch', 0)
     if last.exists() and epoch > 0:
         logger.info('Resuming from %s after epoch %d.', last, epoch)
         return keras.saving.load_model(last, custom_objects={'deep_speaker_loss': deep_speaker_loss}), epoch

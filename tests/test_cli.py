@@ -41,7 +41,7 @@ def test_pipeline_writes_every_stage(trained_dir):
         assert (trained_dir / 'keras-inputs' / name).is_file()
     for phase in ('checkpoints-softmax', 'checkpoints-triplets'):
         assert (trained_dir / phase / 'ResCNN_best.keras').is_file()
-        assert json.loads((trained_dir / phase / 'state.json').read_text())['epoch'] == 1
+        assert json.loads((trained_dir / phase / 'ResCNN_state.json').read_text())['epoch'] == 1
         assert (trained_dir / phase / 'history.csv').read_text().count('\n') == 2
 
 
@@ -59,7 +59,7 @@ def test_triplet_phase_resumes_from_its_last_epoch(trained_dir):
                  '2', *TINY)
     assert 'Resuming from' in result.stderr and 'after epoch 1' in result.stderr
     assert 'Epoch 2/2' in result.stdout and 'Epoch 1/2' not in result.stdout
-    state = json.loads((trained_dir / 'checkpoints-triplets' / 'state.json').read_text())
+    state = json.loads((trained_dir / 'checkpoints-triplets' / 'ResCNN_state.json').read_text())
     assert state['epoch'] == 2
     done = run('cli.py', 'train-model', '--working_dir', str(trained_dir), '--epochs', '2', *TINY)
     assert 'nothing to do' in done.stderr
