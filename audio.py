@@ -197,19 +197,23 @@ def save_npy_atomically(path: Path, array: np.ndarray) -> None:
 
 
 def process_is_alive(pid: int) -> bool:
+    """Whether process `pid` runs. A zombie (a killed pool worker that nobody has reaped yet) is dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # Linux: the state letter follows the parenthesised command name in /proc/<pid>/stat.
+        return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0] != 'Z'
+    except (OSError, IndexError):
+        return True
 
 
-def remove_orphan_temp_files(directory: Path) -> int:
-    """Deletes the temporary files that killed cache builds left (their writing process is gone); returns how
-    many. Temporary files of builds still running are kept."""
-    orphans = [tmp for tmp in directory.glob('*/.*.tmp.npy')
+def remove_orphan_temp_files(directory: Path, pattern: str) -> int:
+    """Deletes the temporary files `.<name>.<pid>-<random>.tmp.<ext>` matching `pattern` in `directory` whose
+    writing process is gone (a killed build or training run); returns how many. Files of live writers stay."""
+    orphans = [tmp for tmp in directory.glob(pattern)
                if not process_is_alive(int(tmp.name.rsplit('.', 3)[-3].split('-')[0]))]
     for tmp in orphans:
         tmp.unlink(missing_ok=True)
@@ -268,7 +272,7 @@ class Audio:
         """
         if not audio_dir.is_dir():
             raise FileNotFoundError(f'--audio_dir {audio_dir}: no such directory.')
-        if removed := remove_orphan_temp_files(self.cache_dir):
+        if removed := remove_orphan_temp_files(self.cache_dir, '*/.*.tmp.npy'):
             logger.info('Removed %d temporary files of an interrupted build.', removed)
         files = find_audio_files(str(audio_dir))
         if not files:

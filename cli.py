@@ -48,6 +48,12 @@ def fail(message: str) -> None:
     sys.exit(1)
 
 
+def os_error_message(e: OSError) -> str:
+    """One line for an OSError: ours carry their message; the system's (unwritable or non-directory working dir,
+    full disk) name the file and the reason."""
+    return str(e) if e.filename is None else f'{e.filename}: {e.strerror or e}.'
+
+
 @click.group()
 @click.option('--verbose', is_flag=True, help='Debug logging.')
 def cli(verbose: bool):
@@ -91,8 +97,8 @@ def build_mfcc_cache(working_dir, audio_dir, sample_rate, workers, speed_perturb
     try:
         audio = Audio(cache_dir=working_dir, audio_dir=audio_dir, sample_rate=sample_rate, workers=workers,
                       variants=augmentations(speed_perturb, noises, snr))
-    except FileNotFoundError as e:
-        fail(str(e))
+    except OSError as e:
+        fail(os_error_message(e))
     num_utterances = sum(len(u) for u in audio.speakers_to_utterances.values())
     logger.info('Cache holds %d utterances of %d speakers.', num_utterances, len(audio.speaker_ids))
 
@@ -113,8 +119,8 @@ def build_keras_inputs(working_dir, counts_per_speaker, seed):
         fail(f'--counts_per_speaker {counts_per_speaker}: expected two integers >= 2, e.g. 600,100.')
     try:
         KerasFormatConverter(working_dir).generate(NUM_FRAMES, counts, seed)
-    except FileNotFoundError as e:
-        fail(str(e))
+    except OSError as e:
+        fail(os_error_message(e))
 
 
 @cli.command('train-model')

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from audio import remove_orphan_temp_files
 from batcher import HardNegativeMiner, KerasFormatConverter, TripletBatcher, random_triplets
 from constants import (
     BATCH_SIZE,
@@ -43,18 +44,20 @@ CROP_SPEC = tf.TensorSpec((None, NUM_FRAMES, NUM_FBANKS, 1), tf.float32)
 class AtomicCheckpoint(keras.callbacks.Callback):
     """After each epoch saves `<name>_last.keras` (model and optimizer, for resuming) and, when `monitor`
     improves, `<name>_best.keras`; `<name>_state.json` records the epoch and best value. Writes go through a
-    temporary file and a rename, so a killed write never leaves a checkpoint that loads wrong."""
+    temporary file (`.<name>.<pid>-<random>.tmp.keras`) and a rename, so a killed write never leaves a checkpoint
+    that loads wrong; the temporary files of killed runs (their process is gone) are deleted at the start."""
 
     def __init__(self, directory: Path, name: str, monitor: str, mode: str):
         super().__init__()
         self.directory, self.name, self.monitor, self.mode = directory, name, monitor, mode
         self.best = read_state(directory, name).get('best')
+        remove_orphan_temp_files(directory, f'.{name}.*.tmp.keras')
 
     def improved(self, value: float) -> bool:
         return self.best is None or (value > self.best if self.mode == 'max' else value < self.best)
 
     def save(self, filename: str) -> None:
-        tmp = self.directory / f'.{uuid.uuid4().hex}.tmp.keras'
+        tmp = self.directory / f'.{self.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp.keras'
         try:
             self.model.save(tmp)
             os.replace(tmp, self.directory / filename)

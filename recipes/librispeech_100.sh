@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The README's mining table: train on LibriSpeech train-clean-100 (251 speakers), evaluate on the unseen
 # speakers of the test-other trial list. One softmax phase, then random and hard triplets from its best
-# checkpoint, each in its own working dir sharing the cache, inputs and softmax checkpoints.
+# checkpoint, each in its own working dir sharing the cache, inputs and softmax checkpoints; and, for the same
+# budget as softmax + triplets, the softmax phase continued for as many epochs as the triplet phase.
 #   bash recipes/librispeech_100.sh [clean|augmented]
-# Rows go to $OUT/results.csv: config,eer_percent,min_dcf,train_seconds,checkpoint.
+# Rows go to $OUT/results.csv: config,eer_percent,min_dcf,train_seconds,checkpoint (a re-run replaces its rows;
+# finished stages do nothing).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -32,6 +34,9 @@ evaluate() {  # name checkpoint seconds
   line="$(cli eval-trials --trials "$TRIALS" --audio_root "$TEST_ROOT" --checkpoint_file "$2" \
           --scores_file "$BASE/$1.scores.csv" --det_plot "$BASE/$1.det.png" | tail -1)"
   echo "$1: $line (trained $3 s)" >&2
+  touch "$OUT/results.csv"
+  grep -v "^$VARIANT/$1," "$OUT/results.csv" > "$OUT/results.csv.tmp" || true
+  mv "$OUT/results.csv.tmp" "$OUT/results.csv"
   echo "$VARIANT/$1,$(echo "$line" | sed -E 's/EER = ([0-9.]+) %, minDCF\(p_target=0.01\) = ([0-9.]+)/\1,\2/'),$3,$2" \
     >> "$OUT/results.csv"
 }
@@ -39,17 +44,30 @@ evaluate() {  # name checkpoint seconds
 cli build-mfcc-cache --working_dir "$BASE" --audio_dir "$DATA/LibriSpeech/train-clean-100" "${AUGMENT[@]}"
 cli build-keras-inputs --working_dir "$BASE" --counts_per_speaker 100,10
 
+shared_dir() {  # a working dir that shares the cache and model inputs of $BASE
+  mkdir -p "$1"
+  for shared in audio-fbanks keras-inputs; do ln -sfn "$BASE/$shared" "$1/$shared"; done
+}
+
 start=$SECONDS
 cli train-model --working_dir "$BASE" --pre_training_phase --epochs "$SOFTMAX_EPOCHS" --steps_per_epoch "$STEPS" \
     --width "$WIDTH"
 evaluate softmax "$BASE/checkpoints-softmax/ResCNN_best.keras" $((SECONDS - start))
 
-for mining in random hard; do
+for mining in random hard semihard; do
   wd="$BASE/triplet-$mining"
-  mkdir -p "$wd"
-  for shared in audio-fbanks keras-inputs checkpoints-softmax; do ln -sfn "$BASE/$shared" "$wd/$shared"; done
+  shared_dir "$wd"
+  ln -sfn "$BASE/checkpoints-softmax" "$wd/checkpoints-softmax"
   start=$SECONDS
   cli train-model --working_dir "$wd" --no_pre_training_phase --triplet_mining "$mining" --epochs "$TRIPLET_EPOCHS" \
       --steps_per_epoch "$STEPS" --width "$WIDTH" --history_size 2000 --refresh_every 25
   evaluate "triplet-$mining" "$wd/checkpoints-triplets/ResCNN_best.keras" $((SECONDS - start))
 done
+
+wd="$BASE/softmax-long"
+shared_dir "$wd"
+[ -d "$wd/checkpoints-softmax" ] || cp -r "$BASE/checkpoints-softmax" "$wd/checkpoints-softmax"
+start=$SECONDS
+cli train-model --working_dir "$wd" --pre_training_phase --epochs $((SOFTMAX_EPOCHS + TRIPLET_EPOCHS)) \
+    --steps_per_epoch "$STEPS" --width "$WIDTH"
+evaluate softmax-long "$wd/checkpoints-softmax/ResCNN_best.keras" $((SECONDS - start))
