@@ -43,14 +43,16 @@ CROP_SPEC = tf.TensorSpec((None, NUM_FRAMES, NUM_FBANKS, 1), tf.float32)
 
 class AtomicCheckpoint(keras.callbacks.Callback):
     """After each epoch saves `<name>_last.keras` (model and optimizer, for resuming) and, when `monitor`
-    improves, `<name>_best.keras`; `<name>_state.json` records the epoch and best value. Writes go through a
-    temporary file (`.<name>.<pid>-<random>.tmp.keras`) and a rename, so a killed write never leaves a checkpoint
-    that loads wrong; the temporary files of killed runs (their process is gone) are deleted at the start."""
+    improves, `<name>_best.keras`; `<name>_state.json` records the epoch, best value and training seconds.
+    Writes go through a temporary file (`.<name>.<pid>-<random>.tmp.keras`) and a rename, so a killed write never
+    leaves a checkpoint that loads wrong; the temporary files of killed runs (their process is gone) are deleted
+    at the start."""
 
     def __init__(self, directory: Path, name: str, monitor: str, mode: str):
         super().__init__()
         self.directory, self.name, self.monitor, self.mode = directory, name, monitor, mode
-        self.best = read_state(directory, name).get('best')
+        state = read_state(directory, name)
+        self.best, self.seconds, self.epoch_start = state.get('best'), state.get('seconds', 0.0), time.perf_counter()
         remove_orphan_temp_files(directory, f'.{name}.*.tmp.keras')
 
     def improved(self, value: float) -> bool:
@@ -64,14 +66,18 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         finally:
             tmp.unlink(missing_ok=True)
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = time.perf_counter()
+
     def on_epoch_end(self, epoch, logs=None):
+        self.seconds += time.perf_counter() - self.epoch_start
         value = float((logs or {}).get(self.monitor, np.nan))
         if not np.isnan(value) and self.improved(value):
             self.best = value
             self.save(f'{self.name}_best.keras')
             logger.info('Epoch %d: %s = %.4f, new best checkpoint.', epoch + 1, self.monitor, value)
         self.save(f'{self.name}_last.keras')
-        state = {'epoch': epoch + 1, 'best': self.best, 'monitor': self.monitor}
+        state = {'epoch': epoch + 1, 'best': self.best, 'monitor': self.monitor, 'seconds': round(self.seconds, 1)}
         tmp = self.directory / f'.{self.name}_state.json.tmp'
         tmp.write_text(json.dumps(state))
         os.replace(tmp, self.directory / f'{self.name}_state.json')
@@ -106,7 +112,8 @@ class MiningRefresh(keras.callbacks.Callback):
 
 
 def read_state(directory: Path, name: str) -> dict:
-    """The phase's progress ({'epoch': finished epochs, 'best': best monitored value}), {} before the first epoch."""
+    """The phase's progress ({'epoch': finished epochs, 'best': best monitored value, 'seconds': wall time of
+    the epochs, validation included}), {} before the first epoch."""
     path = directory / f'{name}_state.json'
     return json.loads(path.read_text()) if path.exists() else {}
 

@@ -19,7 +19,7 @@ BASE="$OUT/clean"
 
 cli() { (cd "$ROOT" && "$PY" cli.py "$@"); }
 
-evaluate() {  # name seconds checkpoint [checkpoint ...]
+evaluate() {  # name seconds checkpoint [checkpoint ...]  (seconds: training wall time, - for fusions)
   local name="$1" seconds="$2" line args=()
   shift 2
   for checkpoint in "$@"; do args+=(--checkpoint_file "$checkpoint"); done
@@ -39,10 +39,11 @@ for model in tdnn gru; do
   wd="$OUT/models/$model"
   mkdir -p "$wd"
   for shared in audio-fbanks keras-inputs; do ln -sfn "$BASE/$shared" "$wd/$shared"; done
-  start=$SECONDS
   cli train-model --working_dir "$wd" --model "$model" --pre_training_phase --epochs "$SOFTMAX_EPOCHS" \
       --steps_per_epoch "$STEPS" --width "${WIDTH[$model]}"
-  evaluate "$model" $((SECONDS - start)) "$wd/checkpoints-softmax/${NAME[$model]}_best.keras"
+  state="$wd/checkpoints-softmax/${NAME[$model]}_state.json"
+  evaluate "$model" "$("$PY" -c 'import json, sys; print(round(json.load(open(sys.argv[1]))["seconds"]))' "$state")" \
+      "$wd/checkpoints-softmax/${NAME[$model]}_best.keras"
 done
 
 RESCNN="$BASE/checkpoints-softmax/ResCNN_best.keras"
