@@ -15,6 +15,7 @@ from constants import (  # noqa: E402
     COUNTS_PER_SPEAKER,
     DCF_P_TARGET,
     DEFAULT_SEED,
+    DEFAULT_TRIPLET_MINING,
     DEFAULT_WORKING_DIR,
     MINING_HISTORY_SIZE,
     MINING_REFRESH_EVERY,
@@ -134,7 +135,8 @@ def build_keras_inputs(working_dir, counts_per_speaker, seed):
 @click.option('--batch_size', default=BATCH_SIZE, show_default=True, type=click.IntRange(min=3))
 @click.option('--learning_rate', default=TRIPLET_LEARNING_RATE, show_default=True, type=float,
               help='SGD learning rate of the triplet phase.')
-@click.option('--triplet_mining', default='hard', show_default=True, type=click.Choice(TRIPLET_MINING_MODES),
+@click.option('--triplet_mining', default=DEFAULT_TRIPLET_MINING, show_default=True,
+              type=click.Choice(TRIPLET_MINING_MODES),
               help='Triplet phase: hardest negatives, semi-hard negatives (less similar than the positive) or random.')
 @click.option('--history_size', default=MINING_HISTORY_SIZE, show_default=True, type=click.IntRange(min=4),
               help='Crops embedded for mining hard triplets.')

@@ -19,6 +19,7 @@ from constants import (
     BATCH_SIZE,
     CHECKPOINTS_SOFTMAX_DIR,
     CHECKPOINTS_TRIPLET_DIR,
+    DEFAULT_TRIPLET_MINING,
     EARLY_STOPPING_PATIENCE,
     LOGS_SUBDIR,
     MIN_LEARNING_RATE,
@@ -209,7 +210,7 @@ def train_softmax(working_dir: str, epochs: int, steps_per_epoch: int | None = N
 
 def train_triplet(working_dir: str, epochs: int, steps_per_epoch: int = 100, width: float = 1.0,
                   batch_size: int = BATCH_SIZE, seed: int = 0, learning_rate: float = TRIPLET_LEARNING_RATE,
-                  mining: str = 'hard', history_size: int = MINING_HISTORY_SIZE,
+                  mining: str = DEFAULT_TRIPLET_MINING, history_size: int = MINING_HISTORY_SIZE,
                   refresh_every: int = MINING_REFRESH_EVERY, model_name: str = 'rescnn') -> Path:
     """Triplet training (SGD, deep_speaker_loss) started from the best softmax checkpoint when there is one;
     returns the best checkpoint's path (by val_loss on fixed random triplets of kx_test).
@@ -243,7 +244,7 @@ def train_triplet(working_dir: str, epochs: int, steps_per_epoch: int = 100, wid
     callbacks = phase_callbacks(directory, working_dir, name, 'triplet', 'val_loss', 'min')
     selector = random_triplets
     if mining != 'random':
-        selector = HardNegativeMiner(ky_train, mining, history_size, seed + initial_epoch)
+        selector = HardNegativeMiner(ky_train, mining, min(history_size, len(ky_train)), seed + initial_epoch)
         callbacks.append(MiningRefresh(selector, kx_train, refresh_every))
     train_batcher = TripletBatcher(kx_train, ky_train, seed=seed + initial_epoch, selector=selector)
     test_batcher = TripletBatcher(kx_test, ky_test, seed=seed)
