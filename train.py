@@ -179,17 +179,23 @@ def fit(model: keras.Model, initial_epoch: int, epochs: int, train, validation, 
               steps_per_epoch=steps_per_epoch, callbacks=callbacks, shuffle=False, verbose=2)
 
 
+def phase_inputs(working_dir: str, checkpoints_subdir: str, seed: int) -> tuple[Path, KerasFormatConverter, Path]:
+    """Seeds every generator, and returns the working dir, its model inputs and the phase's checkpoint dir."""
+    keras.utils.set_random_seed(seed)
+    working_dir = Path(working_dir).expanduser()
+    directory = working_dir / checkpoints_subdir
+    converter = KerasFormatConverter(str(working_dir))
+    directory.mkdir(parents=True, exist_ok=True)
+    return working_dir, converter, directory
+
+
 def train_softmax(working_dir: str, epochs: int, steps_per_epoch: int | None = None, width: float = 1.0,
                   batch_size: int = BATCH_SIZE, seed: int = 0, model_name: str = 'rescnn') -> Path:
     """Softmax pre-training of the model `model_name` (a key of conv_models.MODELS) on kx_train, validated on
     kx_test; returns the best checkpoint's path."""
-    keras.utils.set_random_seed(seed)
-    working_dir = Path(working_dir).expanduser()
-    converter = KerasFormatConverter(str(working_dir))
+    working_dir, converter, directory = phase_inputs(working_dir, CHECKPOINTS_SOFTMAX_DIR, seed)
     kx_train, ky_train = converter.load('train')
     kx_test, ky_test = converter.load('test')
-    directory = working_dir / CHECKPOINTS_SOFTMAX_DIR
-    directory.mkdir(parents=True, exist_ok=True)
 
     def new_model():
         dsm = MODELS[model_name](include_softmax=True, num_speakers_softmax=converter.num_speakers, width=width)
@@ -218,13 +224,9 @@ def train_triplet(working_dir: str, epochs: int, steps_per_epoch: int = 100, wid
     mining: 'random' triplets, or 'hard' / 'semihard' negatives mined from a history of `history_size` crops
     re-embedded every `refresh_every` batches.
     """
-    keras.utils.set_random_seed(seed)
-    working_dir = Path(working_dir).expanduser()
-    converter = KerasFormatConverter(str(working_dir))
+    working_dir, converter, directory = phase_inputs(working_dir, CHECKPOINTS_TRIPLET_DIR, seed)
     kx_train, ky_train = converter.load('train')
     kx_test, ky_test = converter.load('test')
-    directory = working_dir / CHECKPOINTS_TRIPLET_DIR
-    directory.mkdir(parents=True, exist_ok=True)
     name = MODELS[model_name].name
 
     def new_model():
