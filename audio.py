@@ -23,6 +23,7 @@ from constants import (
     AUDIO_EXTENSIONS,
     AUGMENTED_MARK,
     CACHE_SUBDIR,
+    FBANK_BLOCK_FRAMES,
     FRAME_LENGTH_S,
     FRAME_STEP_S,
     NFFT,
@@ -93,10 +94,13 @@ def fbank(signal: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     emphasised = np.append(signal[0], signal[1:] - PREEMPHASIS * signal[:-1])
     num_frames = 1 + int(np.ceil((len(signal) - length) / step))
     padded = np.pad(emphasised, (0, (num_frames - 1) * step + length - len(signal)))
-    frames = np.lib.stride_tricks.sliding_window_view(padded, length)[::step]
-    power = np.square(np.abs(np.fft.rfft(frames, NFFT))) / NFFT
-    energies = power.astype(np.float32) @ mel_matrix(sample_rate)
-    return np.where(energies == 0, np.finfo(float).eps, energies).astype(np.float32)
+    frames = np.lib.stride_tricks.sliding_window_view(padded, length)[::step]  # a view: no copy.
+    energies = np.empty((num_frames, NUM_FBANKS), dtype=np.float32)
+    for start in range(0, num_frames, FBANK_BLOCK_FRAMES):  # blocks bound the memory of long files.
+        power = np.square(np.abs(np.fft.rfft(frames[start:start + FBANK_BLOCK_FRAMES], NFFT))) / NFFT
+        energies[start:start + FBANK_BLOCK_FRAMES] = power.astype(np.float32) @ mel_matrix(sample_rate)
+    energies[energies == 0] = np.finfo(float).eps
+    return energies
 
 
 def normalize_frames(features: np.ndarray, epsilon: float = NORMALIZE_EPSILON) -> np.ndarray:

@@ -11,6 +11,7 @@ NFFT = 512  # FFT size of each frame.
 PREEMPHASIS = 0.97  # python_speech_features' default pre-emphasis coefficient.
 SILENCE_PERCENTILE = 95  # samples louder than this percentile of |x| mark the start and end of speech.
 NORMALIZE_EPSILON = 1e-12  # floor of a frame's standard deviation.
+FBANK_BLOCK_FRAMES = 4096  # frames transformed at once (about 17 MB of spectra): long files stay bounded.
 AUDIO_EXTENSIONS = ('.flac', '.wav')
 
 # Augmentation (cache variants).

@@ -34,7 +34,7 @@ from constants import (
     TRIPLET_MOMENTUM,
     TRIPLET_VALIDATION_BATCHES,
 )
-from conv_models import MODELS, load_checkpoint
+from conv_models import MODELS, CheckpointError, load_checkpoint
 from triplet_loss import deep_speaker_loss
 
 logger = logging.getLogger(__name__)
@@ -205,6 +205,10 @@ def train_softmax(working_dir: str, epochs: int, steps_per_epoch: int | None = N
 
     name = MODELS[model_name].name
     model, initial_epoch = resumed_or_new(directory, name, new_model)
+    if model.output_shape[-1] != converter.num_speakers:
+        raise CheckpointError(f'{directory / f"{name}_last.keras"}: trained on {model.output_shape[-1]} speakers, but '
+                              f'the model inputs have {converter.num_speakers}; delete {directory} or use another '
+                              f'--working_dir.')
     logger.info('Softmax phase: %d speakers, %d training crops, %s parameters.', converter.num_speakers,
                 len(kx_train), f'{model.count_params():,}')
     steps = steps_per_epoch or math.ceil(len(kx_train) / batch_size)

@@ -267,3 +267,22 @@ def test_float_wav_with_nan_samples_is_refused_or_gives_finite_features(tmp_path
         assert str(path) in str(error)
     else:
         assert np.isfinite(features).all(), f'{int(np.isnan(features).sum())} NaN features from {path}'
+
+
+def test_ten_minute_file_keeps_memory_bounded(tmp_path):
+    """A 10-minute file: features come out whole, and the peak of numpy allocations stays within a few copies of
+    the audio (all the frames' spectra at once, the unbounded way, would take 247 MB alone)."""
+    import tracemalloc
+
+    samples = 16000 * 600
+    signal = (0.1 * np.random.default_rng(0).standard_normal(samples)).astype(np.float32)
+    path = tmp_path / 'long.wav'
+    sf.write(path, signal, 16000, subtype='PCM_16')
+    tracemalloc.start()
+    try:
+        features = audio.read_mfcc(str(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert features.shape[1] == 64 and abs(len(features) - samples / 160) < 5
+    assert peak < 5.5 * signal.nbytes, f'{peak / 1e6:.0f} MB'

@@ -425,3 +425,21 @@ def test_working_dir_inside_a_file_is_a_one_line_error(tmp_path, audio_dir, comm
     extra = ['--audio_dir', audio_dir] if command == 'build-mfcc-cache' else []
     result = run(command, '--working_dir', a_file / 'wd', *extra, check=False)
     assert_one_line_error(result, str(a_file))
+
+
+def test_resuming_softmax_with_another_number_of_speakers_says_so(tmp_path, copy_librispeech):
+    """A softmax checkpoint of 2 speakers, then model inputs of 3: resuming names both counts."""
+    audio_dir, wd = tmp_path / 'audio', tmp_path / 'wd'
+    tiny = ['--width', '0.125', '--batch_size', '6']
+    copy_librispeech(audio_dir, [f'{s}-{c}' for s, c in (('1688', '142285-0000'), ('1688', '142285-0001'),
+                                                          ('2033', '164914-0000'), ('2033', '164914-0001'))])
+    run('build-mfcc-cache', '--working_dir', wd, '--audio_dir', audio_dir)
+    run('build-keras-inputs', '--working_dir', wd, '--counts_per_speaker', '4,2')
+    run('train-model', '--working_dir', wd, '--pre_training_phase', '--epochs', '1', '--steps_per_epoch', '1', *tiny)
+    copy_librispeech(audio_dir, ['3005-163389-0000', '3005-163389-0001'])
+    run('build-mfcc-cache', '--working_dir', wd, '--audio_dir', audio_dir)
+    run('build-keras-inputs', '--working_dir', wd, '--counts_per_speaker', '4,2')
+    result = run('train-model', '--working_dir', wd, '--pre_training_phase', '--epochs', '2', *tiny, check=False)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith('Error: ') and 'trained on 2 speakers' in last and 'have 3' in last
