@@ -52,5 +52,16 @@ GRU="$OUT/models/gru/checkpoints-softmax/GRU_best.keras"
 evaluate rescnn+tdnn - "$RESCNN" "$TDNN"
 evaluate rescnn+gru - "$RESCNN" "$GRU"
 evaluate rescnn+tdnn+gru - "$RESCNN" "$TDNN" "$GRU"
+# The TDNN given the ResCNN's wall time: its 12-epoch run continued to 24 epochs in a copy.
+wd="$OUT/models/tdnn-24"
+mkdir -p "$wd"
+for shared in audio-fbanks keras-inputs; do ln -sfn "$BASE/$shared" "$wd/$shared"; done
+[ -d "$wd/checkpoints-softmax" ] || cp -r "$OUT/models/tdnn/checkpoints-softmax" "$wd/checkpoints-softmax"
+cli train-model --working_dir "$wd" --model tdnn --pre_training_phase --epochs $((2 * SOFTMAX_EPOCHS)) \
+    --steps_per_epoch "$STEPS" --width "${WIDTH[tdnn]}"
+evaluate tdnn-24 "$("$PY" -c 'import json, sys; print(round(json.load(open(sys.argv[1]))["seconds"]))' \
+    "$wd/checkpoints-softmax/TDNN_state.json")" "$wd/checkpoints-softmax/TDNN_best.keras"
+evaluate rescnn+tdnn-24 - "$RESCNN" "$wd/checkpoints-softmax/TDNN_best.keras"
+
 SEMIHARD="$BASE/triplet-semihard/checkpoints-triplets/ResCNN_best.keras"
 [ -f "$SEMIHARD" ] && evaluate rescnn-semihard+tdnn - "$SEMIHARD" "$TDNN"
