@@ -162,3 +162,15 @@ def test_new_files_are_added_to_an_existing_cache(tmp_path, copy_librispeech):
                                       audio.read_mfcc(str(audio_file)))
     shutil.rmtree(audio_dir)  # the cache stands on its own.
     assert audio.Audio(str(cache_dir)).speaker_ids == ['1688', '367']
+
+
+def test_file_outside_a_speaker_folder_is_skipped_with_the_expected_layout(tmp_path, copy_librispeech):
+    audio_dir, cache_dir = tmp_path / 'audio', tmp_path / 'wd'
+    files = copy_librispeech(audio_dir, UTTERANCES[:2])
+    loose = audio_dir / 'loose.flac'
+    loose.write_bytes(files[0].read_bytes())
+    audio.Audio(str(cache_dir), str(audio_dir), workers=WORKERS)
+    assert cache_files(cache_dir) == sorted(expected_cache_path(cache_dir, f) for f in files)
+    report = (cache_dir / 'skipped-files.txt').read_text().splitlines()
+    assert len(report) == 1 and str(loose) in report[0]
+    assert 'speaker/utterance.wav' in report[0] and 'speaker/chapter/utterance.flac' in report[0]

@@ -98,3 +98,8 @@ def test_unknown_pipeline_task_prints_usage_and_fails():
     result = subprocess.run([str(ROOT / 'deep-speaker'), 'no_such_task'], capture_output=True, text=True)
     assert result.returncode != 0
     assert 'Unknown task: no_such_task' in result.stderr and 'Usage: ./deep-speaker TASK' in result.stderr
+
+
+def test_missing_required_option_names_it():
+    result = run('cli.py', 'eval-trials', '--audio_root', str(AUDIO_DIR), '--checkpoint_file', 'x.keras', check=False)
+    assert result.returncode == 2 and "Missing option '--trials'" in result.stderr
