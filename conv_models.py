@@ -132,6 +132,14 @@ class SpeakerModel:
             x = layers.UnitNormalization(axis=1, name='ln')(x)
         self.m = keras.Model(inputs, x, name=self.name)
 
+    def keras_model(self) -> keras.Model:
+        return self.m
+
+    def get_weights(self) -> list[np.ndarray]:
+        """The model's weights without the softmax head's kernel and bias."""
+        weights = self.m.get_weights()
+        return weights[:-2] if self.include_softmax else weights
+
     def scaled(self, units: int) -> int:
         return max(1, int(round(units * self.width)))
 
@@ -154,14 +162,6 @@ class DeepSpeakerModel(SpeakerModel):
         x = self.cnn_component(fbank)
         x = layers.Reshape((-1, (NUM_FBANKS // 16) * self.filters[-1]), name='reshape')(x)
         return layers.GlobalAveragePooling1D(name='average')(x)
-
-    def keras_model(self) -> keras.Model:
-        return self.m
-
-    def get_weights(self) -> list[np.ndarray]:
-        """The model's weights without the softmax head's kernel and bias."""
-        weights = self.m.get_weights()
-        return weights[:-2] if self.include_softmax else weights
 
     def clipped_relu(self, inputs):
         relu = layers.ReLU(max_value=CLIPPED_RELU_MAX, name=f'clipped_relu_{self.clipped_relu_count}')(inputs)
