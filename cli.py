@@ -35,6 +35,9 @@ working_dir_option = click.option('--working_dir', default=DEFAULT_WORKING_DIR, 
 width_option = click.option('--width', default=1.0, show_default=True, type=click.FloatRange(min=0.01),
                             help='Multiplier of the layer sizes (ResCNN filters 64/128/256/512, TDNN and GRU units). '
                                  '1.0 is the published size; 0.25 trains fast on a CPU.')
+checkpoint_width_option = click.option(
+    '--width', default=None, type=click.FloatRange(min=0.01),
+    help='Width of a .h5 or .weights.h5 checkpoint\'s model [default: read from a .keras file, else 1.0].')
 model_option = click.option('--model', default='rescnn', show_default=True,
                             type=click.Choice(['rescnn', 'tdnn', 'gru']),
                             help='Architecture: ResCNN (paper), TDNN (x-vector) or GRU (paper). A .keras checkpoint '
@@ -167,8 +170,7 @@ def train_model(working_dir, pre_training_phase, epochs, steps_per_epoch, batch_
               help=f'Checkpoint to evaluate (.keras, .weights.h5 or Keras-2 .h5) '
                    f'[default: WORKING_DIR/{CHECKPOINTS_TRIPLET_DIR}/<model>_best.keras].')
 @model_option
-@click.option('--width', default=None, type=click.FloatRange(min=0.01),
-              help='Width of the checkpoint\'s model [default: read from a .keras file, else 1.0].')
+@checkpoint_width_option
 @seed_option
 def test_model(working_dir, checkpoint_file, model, width, seed):
     """Anchor / positive / 99 negatives evaluation on the held-out audio of the cached speakers."""
@@ -193,8 +195,7 @@ def test_model(working_dir, checkpoint_file, model, width, seed):
 @click.option('--checkpoint_file', 'checkpoint_files', required=True, multiple=True, type=click.Path(dir_okay=False),
               help='Checkpoint to evaluate (.keras, .weights.h5 or Keras-2 .h5); repeat it to fuse several models.')
 @model_option
-@click.option('--width', default=None, type=click.FloatRange(min=0.01),
-              help='Width of a .h5 checkpoint\'s model [default: read from a .keras file, else 1.0].')
+@checkpoint_width_option
 @click.option('--fusion', default='score', show_default=True, type=click.Choice(['score', 'concat']),
               help='With several checkpoints: weighted mean of their cosine scores, or cosine of the concatenated '
                    'embeddings.')

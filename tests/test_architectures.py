@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from click.testing import CliRunner, Result  # noqa: E402
 from keras import layers  # noqa: E402
+from model_helpers import randomise  # noqa: E402
 
 from cli import cli  # noqa: E402
 from constants import (  # noqa: E402
@@ -62,21 +63,6 @@ TRIALS_LINE = re.compile(r'EER = ([\d.]+) %, minDCF\(p_target=0\.01\) = ([\d.]+)
 A1, A2 = '3005/163389/3005-163389-0007.flac', '3005/163389/3005-163389-0004.flac'
 B1, B2 = '2414/128291/2414-128291-0009.flac', '2414/128291/2414-128291-0003.flac'
 TRIALS = [(1, A1, A2), (1, B1, B2), (1, A2, A1), (1, B2, B1), (0, A1, B1), (0, A1, B2), (0, A2, B1), (0, A2, B2)]
-
-
-def randomise(model: keras.Model, seed: int) -> None:
-    """Gives every weight of `model` random values (He-scaled kernels, batch-norm scales and variances near 1), so
-    that loaded weights cannot be mistaken for a fresh model's initial ones."""
-    rng = np.random.default_rng(seed)
-    for variable in model.weights:
-        shape = tuple(variable.shape)
-        if 'variance' in variable.name or 'gamma' in variable.name:
-            value = rng.uniform(0.5, 1.5, shape)
-        elif 'kernel' in variable.name:
-            value = rng.normal(0.0, np.sqrt(2.0 / np.prod(shape[:-1])), shape)
-        else:
-            value = rng.normal(0.0, 0.1, shape)
-        variable.assign(value.astype(np.float32))
 
 
 def features(rng: np.random.Generator, batch: int, frames: int) -> np.ndarray:
