@@ -22,6 +22,8 @@ from constants import (  # noqa: E402
     NUM_FRAMES,
     SAMPLE_RATE,
     SNR_RANGE_DB,
+    SOFTMAX_LEARNING_RATE,
+    TDNN_FRAME_LAYERS,
     TRIPLET_LEARNING_RATE,
     TRIPLET_MINING_MODES,
 )
@@ -136,8 +138,9 @@ def build_keras_inputs(working_dir, counts_per_speaker, seed):
 @click.option('--steps_per_epoch', default=None, type=click.IntRange(min=1),
               help='Batches per epoch [default: softmax one pass over kx_train, triplet 100].')
 @click.option('--batch_size', default=BATCH_SIZE, show_default=True, type=click.IntRange(min=3))
-@click.option('--learning_rate', default=TRIPLET_LEARNING_RATE, show_default=True, type=float,
-              help='SGD learning rate of the triplet phase.')
+@click.option('--learning_rate', default=None, type=click.FloatRange(min=0, min_open=True),
+              help=f'Learning rate: Adam in the softmax phase [default: {SOFTMAX_LEARNING_RATE:g}], SGD in the '
+                   f'triplet phase [default: {TRIPLET_LEARNING_RATE:g}]; a resumed run keeps its own.')
 @click.option('--triplet_mining', default=DEFAULT_TRIPLET_MINING, show_default=True,
               type=click.Choice(TRIPLET_MINING_MODES),
               help='Triplet phase: hardest negatives, semi-hard negatives (less similar than the positive) or random.')
@@ -147,21 +150,52 @@ def build_keras_inputs(working_dir, counts_per_speaker, seed):
               help='Batches between two re-embeddings of the mining history.')
 @model_option
 @width_option
+@click.option('--tdnn_layers', default=None,
+              help='TDNN frame layers as UNITS:KERNEL:DILATION,... (units before --width scales them) [default: '
+                   + ','.join(':'.join(map(str, layer)) for layer in TDNN_FRAME_LAYERS) + '].')
+@click.option('--dropout', default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help='TDNN: dropout rate after each frame layer.')
+@click.option('--bn_before_relu', is_flag=True, help='TDNN: batch norm before each ReLU instead of after it.')
 @seed_option
 def train_model(working_dir, pre_training_phase, epochs, steps_per_epoch, batch_size, learning_rate, triplet_mining,
-                history_size, refresh_every, model, width, seed):
-    """Trains one phase; checkpoints go to WORKING_DIR/checkpoints-softmax or checkpoints-triplets."""
+                history_size, refresh_every, model, width, tdnn_layers, dropout, bn_before_relu, seed):
+    """Trains one phase; checkpoints go to WORKING_DIR/checkpoints-softmax or checkpoints-triplets. The triplet
+    phase takes its architecture from the softmax checkpoint when there is one."""
+    options = tdnn_options(tdnn_layers, dropout, bn_before_relu)
+    if options and model != 'tdnn':
+        fail(f'--tdnn_layers, --dropout and --bn_before_relu are options of --model tdnn, not --model {model}.')
     from conv_models import CheckpointError
     from train import train_softmax, train_triplet
     try:
         if pre_training_phase:
-            best = train_softmax(working_dir, epochs, steps_per_epoch, width, batch_size, seed, model)
+            best = train_softmax(working_dir, epochs, steps_per_epoch, width, batch_size, seed, model,
+                                 learning_rate or SOFTMAX_LEARNING_RATE, options)
         else:
             best = train_triplet(working_dir, epochs, steps_per_epoch or 100, width, batch_size, seed,
-                                 learning_rate, triplet_mining, history_size, refresh_every, model)
+                                 learning_rate or TRIPLET_LEARNING_RATE, triplet_mining, history_size, refresh_every,
+                                 model, options)
     except (FileNotFoundError, CheckpointError) as e:
         fail(str(e))
     logger.info('Best checkpoint: %s', best)
+
+
+def tdnn_options(tdnn_layers: str | None, dropout: float, bn_before_relu: bool) -> dict:
+    """The TdnnModel constructor options given on the command line (only those that differ from the defaults)."""
+    options = {}
+    if tdnn_layers is not None:
+        try:
+            layers = tuple(tuple(int(n) for n in layer.split(':')) for layer in tdnn_layers.split(','))
+        except ValueError:
+            layers = ()
+        if not layers or any(len(layer) != 3 or min(layer) < 1 for layer in layers):
+            fail(f'--tdnn_layers {tdnn_layers}: expected UNITS:KERNEL:DILATION,... of positive integers, e.g. '
+                 f'512:5:1,512:3:2,1500:1:1.')
+        options['frame_layers'] = layers
+    if dropout:
+        options['dropout'] = dropout
+    if bn_before_relu:
+        options['bn_before_relu'] = True
+    return options
 
 
 @cli.command('test-model')

@@ -108,7 +108,7 @@ class SpeakerModel:
     """
 
     name = ''
-    width_probe = ('', '', 1)  # (layer, config key, its value at width 1.0): how checkpoint_architecture reads width.
+    width_probe = ('', '', 1)  # (layer, config key, its value at width 1.0): how options_from_config reads width.
 
     def __init__(self, batch_input_shape=(None, NUM_FRAMES, NUM_FBANKS, 1), include_softmax: bool = False,
                  num_speakers_softmax: int | None = None, pcm_input: bool = False, width: float = 1.0):
@@ -142,6 +142,12 @@ class SpeakerModel:
 
     def scaled(self, units: int) -> int:
         return max(1, int(round(units * self.width)))
+
+    @classmethod
+    def options_from_config(cls, layer_configs: dict[str, dict]) -> dict:
+        """Constructor arguments that rebuild the architecture of a saved Keras config (layer name -> config)."""
+        layer, key, full_size = cls.width_probe
+        return {'width': layer_configs[layer][key] / full_size}
 
     def body(self, fbank):
         """(batch, frames, 64, 1) features to (batch, dims) utterance vectors."""
@@ -203,32 +209,42 @@ class DeepSpeakerModel(SpeakerModel):
 
 class TdnnModel(SpeakerModel):
     """x-vector TDNN (Snyder et al. 2018): frame layers of 1-D dilated convolutions, each ReLU then batch norm
-    (then dropout, if any), padding frames zeroed after each layer, masked statistics pooling (mean and std).
+    (or batch norm then ReLU with `bn_before_relu`), then dropout if any, padding frames zeroed after each layer,
+    masked statistics pooling (mean and std).
 
     Defaults: contexts [t-2..t+2], {t-2,t,t+2}, {t-3,t,t+3}, {t}, {t} of 512, 512, 512, 512, 1500 units
     (4,321,100 parameters with the 512-d segment layer at width 1.0); `frame_layers` overrides them as
     (units, kernel, dilation) tuples, before `width` scales the units (every layer by the ratio the first layer
-    was rounded to, so a checkpoint's width reads back exactly).
+    was rounded to). A checkpoint reads back as its actual frame layers at width 1.0.
     """
 
     name = 'TDNN'
-    width_probe = ('tdnn1', 'filters', TDNN_FRAME_LAYERS[0][0])
 
-    def __init__(self, *args, frame_layers=TDNN_FRAME_LAYERS, dropout: float = 0.0, **kwargs):
-        self.frame_layers, self.dropout = frame_layers, dropout
+    def __init__(self, *args, frame_layers=TDNN_FRAME_LAYERS, dropout: float = 0.0, bn_before_relu: bool = False,
+                 **kwargs):
+        self.frame_layers, self.dropout, self.bn_before_relu = tuple(map(tuple, frame_layers)), dropout, bn_before_relu
         super().__init__(*args, **kwargs)
+
+    @classmethod
+    def options_from_config(cls, layer_configs: dict[str, dict]) -> dict:
+        frame_layers = []
+        while (config := layer_configs.get(f'tdnn{len(frame_layers) + 1}')) is not None:
+            frame_layers.append((config['filters'], config['kernel_size'][0], config['dilation_rate'][0]))
+        return {'width': 1.0, 'frame_layers': tuple(frame_layers), 'bn_before_relu': 'tdnn1_relu' in layer_configs}
 
     def body(self, fbank):
         frames = layers.Reshape((-1, NUM_FBANKS), name='frames')(fbank)
         mask = FrameMask(name='frame_mask')(frames)
         x = frames
         first_units = self.frame_layers[0][0]
-        ratio = self.scaled(first_units) / first_units  # the first layer's size fixes the width read back.
+        ratio = self.scaled(first_units) / first_units  # one ratio for all layers keeps their proportions.
         for number, (units, kernel, dilation) in enumerate(self.frame_layers, start=1):
             x = layers.Conv1D(max(1, int(round(units * ratio))), kernel, dilation_rate=dilation, padding='same',
-                              activation='relu', kernel_regularizer=regularizers.l2(L2_WEIGHT_DECAY),
-                              name=f'tdnn{number}')(x)
+                              activation=None if self.bn_before_relu else 'relu',
+                              kernel_regularizer=regularizers.l2(L2_WEIGHT_DECAY), name=f'tdnn{number}')(x)
             x = layers.BatchNormalization(name=f'tdnn{number}_bn')(x)
+            if self.bn_before_relu:
+                x = layers.ReLU(name=f'tdnn{number}_relu')(x)
             if self.dropout:
                 x = layers.Dropout(self.dropout, name=f'tdnn{number}_dropout')(x)
             x = layers.Multiply(name=f'tdnn{number}_masked')([x, layers.Reshape((-1, 1))(mask)])
@@ -280,23 +296,22 @@ def copy_weights_by_name(source: keras.Model, target: keras.Model) -> None:
             target.get_layer(name).set_weights(source_layers[name].get_weights())
 
 
-def checkpoint_architecture(path: str, model: str = 'rescnn', width: float | None = None) -> tuple[str, float]:
-    """The (model name, width) of a .keras checkpoint, read from its config; (model, width or 1.0) for other
-    files, whose architecture must be given."""
+def checkpoint_architecture(path: str, model: str = 'rescnn', width: float | None = None) -> tuple[str, dict]:
+    """The model name and constructor options (width; a TDNN's frame layers and BN order) of a .keras checkpoint,
+    read from its config; (model, {'width': width or 1.0}) for other files, whose architecture must be given."""
     if not (path.endswith('.keras') and os.path.isfile(path)):
-        return model, width or 1.0
+        return model, {'width': width or 1.0}
     with zipfile.ZipFile(path) as archive:
         config = json.loads(archive.read('config.json'))
     name = next(key for key, cls in MODELS.items() if cls.name == config['config']['name'])
-    layer, key, full_size = MODELS[name].width_probe
-    probe = next(entry for entry in config['config']['layers'] if entry['name'] == layer)
-    return name, width or probe['config'][key] / full_size
+    return name, MODELS[name].options_from_config({entry['name']: entry['config']
+                                                    for entry in config['config']['layers']})
 
 
 def build_model(path: str, model: str = 'rescnn', width: float | None = None, **kwargs) -> SpeakerModel:
     """The embedding model a checkpoint was trained as (read from a .keras file), with its weights loaded."""
-    name, width = checkpoint_architecture(path, model, width)
-    speaker_model = MODELS[name](width=width, **kwargs)
+    name, options = checkpoint_architecture(path, model, width)
+    speaker_model = MODELS[name](**options, **kwargs)
     load_checkpoint(speaker_model.m, path)
     return speaker_model
 

@@ -34,7 +34,7 @@ from constants import (
     TRIPLET_MOMENTUM,
     TRIPLET_VALIDATION_BATCHES,
 )
-from conv_models import MODELS, CheckpointError, load_checkpoint
+from conv_models import MODELS, CheckpointError, build_model
 from triplet_loss import deep_speaker_loss
 
 logger = logging.getLogger(__name__)
@@ -190,16 +190,19 @@ def phase_inputs(working_dir: str, checkpoints_subdir: str, seed: int) -> tuple[
 
 
 def train_softmax(working_dir: str, epochs: int, steps_per_epoch: int | None = None, width: float = 1.0,
-                  batch_size: int = BATCH_SIZE, seed: int = 0, model_name: str = 'rescnn') -> Path:
-    """Softmax pre-training of the model `model_name` (a key of conv_models.MODELS) on kx_train, validated on
-    kx_test; returns the best checkpoint's path."""
+                  batch_size: int = BATCH_SIZE, seed: int = 0, model_name: str = 'rescnn',
+                  learning_rate: float = SOFTMAX_LEARNING_RATE, model_options: dict | None = None) -> Path:
+    """Softmax pre-training (Adam) of the model `model_name` (a key of conv_models.MODELS, built with
+    `model_options` such as a TDNN's frame_layers) on kx_train, validated on kx_test; returns the best
+    checkpoint's path. A resumed run keeps the architecture and learning rate of its checkpoint."""
     working_dir, converter, directory = phase_inputs(working_dir, CHECKPOINTS_SOFTMAX_DIR, seed)
     kx_train, ky_train = converter.load('train')
     kx_test, ky_test = converter.load('test')
 
     def new_model():
-        dsm = MODELS[model_name](include_softmax=True, num_speakers_softmax=converter.num_speakers, width=width)
-        dsm.m.compile(optimizer=keras.optimizers.Adam(SOFTMAX_LEARNING_RATE),
+        dsm = MODELS[model_name](include_softmax=True, num_speakers_softmax=converter.num_speakers, width=width,
+                                 **(model_options or {}))
+        dsm.m.compile(optimizer=keras.optimizers.Adam(learning_rate),
                       loss='sparse_categorical_crossentropy', metrics=['accuracy'])
         return dsm.m
 
@@ -221,9 +224,11 @@ def train_softmax(working_dir: str, epochs: int, steps_per_epoch: int | None = N
 def train_triplet(working_dir: str, epochs: int, steps_per_epoch: int = 100, width: float = 1.0,
                   batch_size: int = BATCH_SIZE, seed: int = 0, learning_rate: float = TRIPLET_LEARNING_RATE,
                   mining: str = DEFAULT_TRIPLET_MINING, history_size: int = MINING_HISTORY_SIZE,
-                  refresh_every: int = MINING_REFRESH_EVERY, model_name: str = 'rescnn') -> Path:
-    """Triplet training (SGD, deep_speaker_loss) started from the best softmax checkpoint when there is one;
-    returns the best checkpoint's path (by val_loss on fixed random triplets of kx_test).
+                  refresh_every: int = MINING_REFRESH_EVERY, model_name: str = 'rescnn',
+                  model_options: dict | None = None) -> Path:
+    """Triplet training (SGD, deep_speaker_loss) started from the best softmax checkpoint when there is one, with
+    that checkpoint's architecture (else `width` and `model_options`); returns the best checkpoint's path (by
+    val_loss on fixed random triplets of kx_test).
 
     mining: 'random' triplets, or 'hard' / 'semihard' negatives mined from a history of `history_size` crops
     re-embedded every `refresh_every` batches.
@@ -234,14 +239,14 @@ def train_triplet(working_dir: str, epochs: int, steps_per_epoch: int = 100, wid
     name = MODELS[model_name].name
 
     def new_model():
-        dsm = MODELS[model_name](width=width)
         pre_trained = best_checkpoint(working_dir / CHECKPOINTS_SOFTMAX_DIR, name)
         if pre_trained.exists():
             logger.info('Initialising from the softmax checkpoint %s.', pre_trained)
-            load_checkpoint(dsm.m, str(pre_trained))
+            dsm = build_model(str(pre_trained), model_name)
         else:
             logger.warning('No softmax checkpoint in %s: triplet training starts from random weights.',
                            pre_trained.parent)
+            dsm = MODELS[model_name](width=width, **(model_options or {}))
         dsm.m.compile(optimizer=keras.optimizers.SGD(learning_rate, momentum=TRIPLET_MOMENTUM),
                       loss=deep_speaker_loss)
         return dsm.m

@@ -56,6 +56,11 @@ GRU_FULL_PARAMS = 22_565_248  # documented in GruModel's docstring (width 1.0, e
 # Embeddings are unit vectors computed in float32; the same computation on the same frames agrees far closer.
 EMBEDDING_TOLERANCE = 1e-5
 TINY = ['--width', str(SMALL_WIDTH), '--batch_size', '24']
+# The TDNN options of the command-line TDNN run, and the frame layers they give at SMALL_WIDTH.
+CLI_TDNN_OPTIONS = ['--tdnn_layers', '128:5:1,128:3:2,128:3:3,384:1:1', '--bn_before_relu', '--dropout', '0.1',
+                    '--learning_rate', '0.002']
+CLI_TDNN_ARCHITECTURE = {'width': 1.0, 'frame_layers': ((16, 5, 1), (16, 3, 2), (16, 3, 3), (48, 1, 1)),
+                         'bn_before_relu': True}
 METRICS_LINE = re.compile(r'f-measure = ([\d.]+), true positive rate = ([\d.]+), accuracy = ([\d.]+), '
                           r'equal error rate = ([\d.]+)')
 TRIALS_LINE = re.compile(r'EER = ([\d.]+) %, minDCF\(p_target=0\.01\) = ([\d.]+)')
@@ -85,6 +90,16 @@ def assert_same_layer_weights(actual: list[np.ndarray], expected: list[np.ndarra
 
 def scaled(units: int, width: float) -> int:
     return max(1, round(units * width))
+
+
+def small_architecture(name: str) -> dict:
+    """checkpoint_architecture's options for MODELS[name](width=SMALL_WIDTH): a TDNN reads back as its frame
+    layers at width 1.0."""
+    if name != 'tdnn':
+        return {'width': SMALL_WIDTH}
+    frame_layers = tuple((scaled(units, SMALL_WIDTH), kernel, dilation)
+                         for units, kernel, dilation in TDNN_FRAME_LAYERS)
+    return {'width': 1.0, 'frame_layers': frame_layers, 'bn_before_relu': False}
 
 
 # --- Registry, heads and inputs -----------------------------------------------------------------------------------
@@ -236,6 +251,36 @@ def test_tdnn_dropout_option_adds_a_dropout_after_each_batch_norm_inactive_at_in
     assert np.max(np.abs(trained - predict(plain, x))) > 1e-3  # dropout is really there in training.
 
 
+def test_tdnn_bn_before_relu_puts_batch_norm_between_a_linear_convolution_and_its_relu():
+    model = TdnnModel(batch_input_shape=ANY_FRAMES, bn_before_relu=True, width=SMALL_WIDTH).m
+    for number, conv in enumerate(conv1d_layers(model), start=1):
+        assert conv.get_config()['activation'] == 'linear', conv.name
+        batch_norm, relu = model.get_layer(f'tdnn{number}_bn'), model.get_layer(f'tdnn{number}_relu')
+        assert batch_norm.input is conv.output
+        assert isinstance(relu, layers.ReLU) and relu.input is batch_norm.output
+        assert feeds(relu, model.get_layer(f'tdnn{number}_masked'))
+    plain = TdnnModel(batch_input_shape=ANY_FRAMES, width=SMALL_WIDTH).m
+    assert model.count_params() == plain.count_params()
+    randomise(model, seed=4)
+    plain.set_weights(model.get_weights())
+    x = features(np.random.default_rng(4), 2, 90)
+    assert np.max(np.abs(predict(model, x) - predict(plain, x))) > 1e-3  # another function of the same weights.
+
+
+def test_tdnn_checkpoint_with_its_own_frame_layers_and_bn_order_rebuilds_the_same_model(tmp_path):
+    original = TdnnModel(batch_input_shape=ANY_FRAMES, frame_layers=((40, 3, 1), (24, 3, 3), (72, 1, 1)),
+                         bn_before_relu=True, dropout=0.2, width=0.5)
+    randomise(original.m, seed=5)
+    path = str(tmp_path / 'TDNN_best.keras')
+    original.m.save(path)
+    saved_layers = ((20, 3, 1), (12, 3, 3), (36, 1, 1))  # width 0.5 of the given units.
+    assert checkpoint_architecture(path) == ('tdnn', {'width': 1.0, 'frame_layers': saved_layers,
+                                                      'bn_before_relu': True})
+    rebuilt = build_model(path, batch_input_shape=ANY_FRAMES)
+    x = features(np.random.default_rng(5), 2, 70)
+    np.testing.assert_allclose(predict(rebuilt.m, x), predict(original.m, x), atol=EMBEDDING_TOLERANCE)
+
+
 # --- Masked statistics pooling ------------------------------------------------------------------------------------
 
 
@@ -320,13 +365,12 @@ def test_keras_checkpoint_names_its_architecture_and_rebuilds_the_same_model(tmp
     randomise(original.m, seed=8)
     path = str(tmp_path / f'{MODELS[name].name}.keras')
     original.m.save(path)
-    assert checkpoint_architecture(path) == (name, SMALL_WIDTH)
+    assert checkpoint_architecture(path) == (name, small_architecture(name))
     other = 'tdnn' if name == 'rescnn' else 'rescnn'
-    assert checkpoint_architecture(path, model=other) == (name, SMALL_WIDTH)  # the file says its own.
+    assert checkpoint_architecture(path, model=other) == (name, small_architecture(name))  # the file says its own.
 
     rebuilt = build_model(path, model=other, batch_input_shape=ANY_FRAMES)
     assert type(rebuilt) is MODELS[name]
-    assert rebuilt.width == SMALL_WIDTH
     expected = weighted_layers(original.m)
     actual = weighted_layers(rebuilt.m)
     assert list(actual) == list(expected)
@@ -340,8 +384,8 @@ def test_keras_checkpoint_names_its_architecture_and_rebuilds_the_same_model(tmp
 
 @pytest.mark.parametrize('width', [0.2, 0.3])
 def test_tdnn_checkpoint_of_a_width_not_a_multiple_of_1_512_rebuilds(tmp_path, width):
-    """tdnn1 has round(512 w) units and the later layers are scaled by the ratio tdnn1 was rounded to: the width read
-    back from tdnn1 alone must give tdnn5 the units it was saved with."""
+    """tdnn1 has round(512 w) units and the later layers are scaled by the ratio tdnn1 was rounded to: the rebuilt
+    model must give tdnn5 the units it was saved with."""
     original = TdnnModel(width=width)
     path = str(tmp_path / 'TDNN.keras')
     original.m.save(path)
@@ -368,7 +412,7 @@ def test_softmax_tdnn_checkpoint_initialises_a_tdnn_triplet_model_by_name(tmp_pa
     randomise(softmax.m, seed=11)
     path = str(tmp_path / 'TDNN_best.keras')
     softmax.m.save(path)
-    assert checkpoint_architecture(path) == ('tdnn', SMALL_WIDTH)
+    assert checkpoint_architecture(path) == ('tdnn', small_architecture('tdnn'))
     triplet = TdnnModel(width=SMALL_WIDTH)
 
     assert load_checkpoint(triplet.m, path) == []
@@ -444,13 +488,13 @@ def assert_eval_trials_line_matches_its_scores(result: Result, scores_file: Path
 
 @pytest.fixture(scope='module')
 def tdnn_dir(tmp_path_factory) -> dict:
-    """A working dir after cache, inputs, one TDNN softmax epoch and one TDNN triplet epoch (hard mining), each
-    stage a `cli.py` process."""
+    """A working dir after cache, inputs, one TDNN softmax epoch (with CLI_TDNN_OPTIONS) and one TDNN triplet epoch
+    (hard mining, no TDNN options), each stage a `cli.py` process."""
     wd = tmp_path_factory.mktemp('tdnn-wd')
     run('build-mfcc-cache', '--working_dir', str(wd), '--audio_dir', str(AUDIO_DIR))
     run('build-keras-inputs', '--working_dir', str(wd), '--counts_per_speaker', '8,4')
     softmax = run('train-model', '--working_dir', str(wd), '--model', 'tdnn', '--pre_training_phase', '--epochs',
-                  '1', '--steps_per_epoch', '2', *TINY)
+                  '1', '--steps_per_epoch', '2', *TINY, *CLI_TDNN_OPTIONS)
     triplet = run('train-model', '--working_dir', str(wd), '--model', 'tdnn', '--epochs', '1', '--steps_per_epoch',
                   '2', '--triplet_mining', 'hard', '--history_size', '60', '--refresh_every', '1', *TINY)
     return {'wd': wd, 'softmax': softmax, 'triplet': triplet}
@@ -462,8 +506,12 @@ def test_cli_tdnn_training_writes_tdnn_checkpoints_in_both_phases(tdnn_dir):
     for phase in ('checkpoints-softmax', 'checkpoints-triplets'):
         assert sorted(p.name for p in (wd / phase).glob('*.keras')) == ['TDNN_best.keras', 'TDNN_last.keras']
         assert json.loads((wd / phase / 'TDNN_state.json').read_text())['epoch'] == 1
-    assert checkpoint_architecture(str(softmax)) == ('tdnn', SMALL_WIDTH)
-    assert checkpoint_architecture(str(triplet)) == ('tdnn', SMALL_WIDTH)
+    # The triplet phase takes the softmax checkpoint's architecture: no need to repeat the TDNN options.
+    assert checkpoint_architecture(str(softmax)) == ('tdnn', CLI_TDNN_ARCHITECTURE)
+    assert checkpoint_architecture(str(triplet)) == ('tdnn', CLI_TDNN_ARCHITECTURE)
+    assert {f'tdnn{n}_dropout' for n in range(1, 5)} <= config_layer_names(softmax)
+    last = keras.saving.load_model(wd / 'checkpoints-softmax' / 'TDNN_last.keras', compile=True)
+    assert float(keras.ops.convert_to_numpy(last.optimizer.learning_rate)) == pytest.approx(0.002)
     assert {'softmax_layer', 'stats_pooling'} <= config_layer_names(softmax)
     assert 'ln' in config_layer_names(triplet) and 'softmax_layer' not in config_layer_names(triplet)
     assert re.search(r'Epoch 1: val_accuracy = [\d.]+, new best checkpoint', tdnn_dir['softmax'].stderr)
@@ -500,7 +548,7 @@ def gru_dir(tdnn_dir, tmp_path_factory) -> Path:
 
 def test_cli_gru_softmax_checkpoint_is_evaluated_on_trials(gru_dir, tmp_path):
     checkpoint = gru_dir / 'checkpoints-softmax' / 'GRU_best.keras'
-    assert checkpoint_architecture(str(checkpoint)) == ('gru', SMALL_WIDTH)
+    assert checkpoint_architecture(str(checkpoint)) == ('gru', {'width': SMALL_WIDTH})
     assert 'softmax_layer' in config_layer_names(checkpoint)
     scores_file = tmp_path / 'scores.csv'
     result = eval_trials('--trials', str(write_trials(tmp_path / 'trials.txt')), '--audio_root',

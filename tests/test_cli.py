@@ -103,3 +103,22 @@ def test_unknown_pipeline_task_prints_usage_and_fails():
 def test_missing_required_option_names_it():
     result = run('cli.py', 'eval-trials', '--audio_root', str(AUDIO_DIR), '--checkpoint_file', 'x.keras', check=False)
     assert result.returncode == 2 and "Missing option '--trials'" in result.stderr
+
+
+@pytest.mark.parametrize(('options', 'message'), [
+    (['--dropout', '0.2'], '--tdnn_layers, --dropout and --bn_before_relu are options of --model tdnn, not --model '
+                           'rescnn.'),
+    (['--model', 'gru', '--bn_before_relu'], '--tdnn_layers, --dropout and --bn_before_relu are options of --model '
+                                             'tdnn, not --model gru.'),
+    (['--model', 'tdnn', '--tdnn_layers', '512:5'], '--tdnn_layers 512:5: expected UNITS:KERNEL:DILATION,... of '
+                                                    'positive integers, e.g. 512:5:1,512:3:2,1500:1:1.'),
+    (['--model', 'tdnn', '--tdnn_layers', '512:5:1,64:0:1'], '--tdnn_layers 512:5:1,64:0:1: expected '
+                                                             'UNITS:KERNEL:DILATION,... of positive integers, e.g. '
+                                                             '512:5:1,512:3:2,1500:1:1.'),
+])
+def test_bad_tdnn_options_are_one_line_errors_before_any_work(tmp_path, options, message):
+    wd = tmp_path / 'wd'
+    result = run('cli.py', 'train-model', '--working_dir', str(wd), '--pre_training_phase', *options, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f'Error: {message}']
+    assert not wd.exists()

@@ -392,7 +392,7 @@ def test_unknown_checkpoint_extension_raises(tmp_path, small_model):
 def test_keras_checkpoint_of_another_width_raises(tmp_path, small_model):
     path = tmp_path / 'wide.keras'
     DeepSpeakerModel(width=0.25).m.save(str(path))
-    assert conv_models.checkpoint_architecture(str(path))[1] == 0.25
+    assert conv_models.checkpoint_architecture(str(path))[1]['width'] == 0.25
     with pytest.raises(CheckpointError) as error:
         conv_models.load_checkpoint(small_model.m, str(path))
     assert str(path) in str(error.value)
@@ -430,8 +430,8 @@ def test_keras_round_trip_into_a_triplet_model(softmax_checkpoint, small_model):
 
 def test_checkpoint_width_reads_the_keras_file(softmax_checkpoint, tmp_path):
     _, path = softmax_checkpoint
-    assert conv_models.checkpoint_architecture(str(path))[1] == SMALL_WIDTH
-    assert conv_models.checkpoint_architecture(str(tmp_path / "absent.keras"))[1] == 1.0
+    assert conv_models.checkpoint_architecture(str(path))[1]['width'] == SMALL_WIDTH
+    assert conv_models.checkpoint_architecture(str(tmp_path / "absent.keras"))[1]['width'] == 1.0
 
 
 def test_weights_h5_round_trip(tmp_path):
@@ -467,7 +467,7 @@ def test_checkpoint_width_rebuilds_the_saved_architecture(tmp_path, width):
     saved = DeepSpeakerModel(width=width)
     path = tmp_path / f'width{width}.keras'
     saved.m.save(str(path))
-    read_width = conv_models.checkpoint_architecture(str(path))[1]
+    read_width = conv_models.checkpoint_architecture(str(path))[1]['width']
     assert read_width == pytest.approx(width, abs=0.01)
     rebuilt = DeepSpeakerModel(width=read_width)
     assert rebuilt.filters == saved.filters
@@ -487,7 +487,7 @@ def test_pcm_model_keras_round_trip(tmp_path, trimmed_audio):
     randomise(source.m, seed=14)
     path = tmp_path / 'pcm.keras'
     source.m.save(str(path))
-    assert conv_models.checkpoint_architecture(str(path))[1] == SMALL_WIDTH
+    assert conv_models.checkpoint_architecture(str(path))[1]['width'] == SMALL_WIDTH
     target = DeepSpeakerModel(pcm_input=True, width=SMALL_WIDTH)
     assert conv_models.load_checkpoint(target.m, str(path)) == []
     x = trimmed_audio[np.newaxis, :8000]

@@ -1,0 +1,36 @@
+# Sourced by the recipes: their shared settings, the CLI wrapper and the writer of $OUT/results.csv rows
+# (row,eer_percent,min_dcf,train_seconds,checkpoints; a re-run replaces its row). Settings come from the environment.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DATA="${DATA:-$ROOT/../shared/data}"
+OUT="${OUT:-$HOME/.deep-speaker-wd/librispeech-100}"
+SOFTMAX_EPOCHS="${SOFTMAX_EPOCHS:-12}"
+STEPS="${STEPS:-50}"
+TRIALS="$DATA/trials/librispeech-test-other.txt"
+TEST_ROOT="$DATA/LibriSpeech/test-other"
+PY="$ROOT/.venv/bin/python"
+
+cli() { (cd "$ROOT" && "$PY" cli.py "$@"); }
+
+seconds() {  # the training wall time in a <Model>_state.json
+  "$PY" -c 'import json, sys; print(round(json.load(open(sys.argv[1])).get("seconds", 0)))' "$1"
+}
+
+shared_dir() {  # dir base: a working dir that shares the feature cache and model inputs of base
+  mkdir -p "$1"
+  for shared in audio-fbanks keras-inputs; do ln -sfn "$2/$shared" "$1/$shared"; done
+}
+
+evaluate() {  # row seconds checkpoint [checkpoint ...]: eval-trials (fused if several), scores and DET in $OUT/row.*
+  local row="$1" trained="$2" line args=()
+  shift 2
+  for checkpoint in "$@"; do args+=(--checkpoint_file "$checkpoint"); done
+  mkdir -p "$(dirname "$OUT/$row")"
+  line="$(cli eval-trials --trials "$TRIALS" --audio_root "$TEST_ROOT" "${args[@]}" \
+          --scores_file "$OUT/$row.scores.csv" --det_plot "$OUT/$row.det.png" | tail -1)"
+  echo "$row: $line (trained $trained s)" >&2
+  touch "$OUT/results.csv"
+  grep -v "^$row," "$OUT/results.csv" > "$OUT/results.csv.tmp" || true
+  mv "$OUT/results.csv.tmp" "$OUT/results.csv"
+  echo "$row,$(echo "$line" | sed -E 's/EER = ([0-9.]+) %, minDCF\(p_target=0.01\) = ([0-9.]+)/\1,\2/'),$trained,$*" \
+    >> "$OUT/results.csv"
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The README's TDNN ablation table: one change at a time to the TDNN of recipes/models.sh (width 0.5, softmax
+# only, SOFTMAX_EPOCHS x STEPS batches, seed 123), each in its own working dir sharing the cache and model inputs
+# of `recipes/librispeech_100.sh clean` (run that first), evaluated on the test-other trial list.
+#   bash recipes/tdnn_ablations.sh [name ...]    (default: every ablation below, in order)
+# Rows go to $OUT/results.csv as tdnn/<name>; finished runs are only re-evaluated.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+BASE="$OUT/clean"
+[ -d "$BASE/keras-inputs" ] || { echo "Run recipes/librispeech_100.sh clean first." >&2; exit 1; }
+
+declare -A ABLATIONS=(
+  [seed-7]="--seed 7"
+  [bn-before-relu]="--bn_before_relu"
+  [dropout-0.2]="--dropout 0.2"
+  [lr-3e-3]="--learning_rate 3e-3"
+  [lr-3e-4]="--learning_rate 3e-4"
+  [width-0.25]="--width 0.25"
+  [pool-512]="--tdnn_layers 512:5:1,512:3:2,512:3:3,512:1:1,512:1:1"
+  [width-1.0]="--width 1.0"
+)
+ORDER=(seed-7 bn-before-relu dropout-0.2 lr-3e-3 lr-3e-4 width-0.25 pool-512 width-1.0)
+
+for name in "${@:-${ORDER[@]}}"; do
+  [ -n "${ABLATIONS[$name]+set}" ] || { echo "Unknown ablation: $name (one of: ${ORDER[*]})" >&2; exit 2; }
+  wd="$OUT/tdnn-ablations/$name"
+  shared_dir "$wd" "$BASE"
+  # shellcheck disable=SC2086  # the options are words on purpose
+  cli train-model --working_dir "$wd" --model tdnn --pre_training_phase --epochs "$SOFTMAX_EPOCHS" \
+      --steps_per_epoch "$STEPS" --width 0.5 ${ABLATIONS[$name]}
+  evaluate "tdnn/$name" "$(seconds "$wd/checkpoints-softmax/TDNN_state.json")" \
+      "$wd/checkpoints-softmax/TDNN_best.keras"
+done
