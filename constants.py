@@ -67,5 +67,6 @@ SKIPPED_FILES_REPORT = 'skipped-files.txt'
 KERAS_INPUTS_SUBDIR = 'keras-inputs'
 CHECKPOINTS_SOFTMAX_DIR = 'checkpoints-softmax'
 CHECKPOINTS_TRIPLET_DIR = 'checkpoints-triplets'
+CHECKPOINT_STATE_ENTRY = 'deep_speaker_state.json'  # the training state inside each _last.keras archive.
 LOGS_SUBDIR = 'logs'
 DEFAULT_SEED = 123

@@ -7,6 +7,7 @@ import math
 import os
 import time
 import uuid
+import zipfile
 from pathlib import Path
 
 import keras
@@ -17,6 +18,7 @@ from audio import remove_orphan_temp_files
 from batcher import HardNegativeMiner, KerasFormatConverter, TripletBatcher, random_triplets
 from constants import (
     BATCH_SIZE,
+    CHECKPOINT_STATE_ENTRY,
     CHECKPOINTS_SOFTMAX_DIR,
     CHECKPOINTS_TRIPLET_DIR,
     DEFAULT_TRIPLET_MINING,
@@ -44,28 +46,43 @@ CROP_SPEC = tf.TensorSpec((None, NUM_FRAMES, NUM_FBANKS, 1), tf.float32)
 
 class AtomicCheckpoint(keras.callbacks.Callback):
     """After each epoch saves `<name>_last.keras` (model and optimizer, for resuming) and, when `monitor`
-    improves, `<name>_best.keras`; `<name>_state.json` records the epoch, best value and training seconds.
+    improves, `<name>_best.keras`. The training state (epoch, best value, training seconds, and the counters of
+    the `counted` callbacks, e.g. ReduceLROnPlateau's epochs without improvement) goes inside `_last.keras`, so
+    the two never disagree, and into `<name>_state.json` for people and scripts. Place it after the `counted`
+    callbacks: it saves what their end of epoch changed and restores their counters after they reset them.
     Writes go through a temporary file (`.<name>.<pid>-<random>.tmp.keras`) and a rename, so a killed write never
     leaves a checkpoint that loads wrong; the temporary files of killed runs (their process is gone) are deleted
     at the start."""
 
-    def __init__(self, directory: Path, name: str, monitor: str, mode: str):
+    def __init__(self, directory: Path, name: str, monitor: str, mode: str, counted: tuple = ()):
         super().__init__()
-        self.directory, self.name, self.monitor, self.mode = directory, name, monitor, mode
-        state = read_state(directory, name)
-        self.best, self.seconds, self.epoch_start = state.get('best'), state.get('seconds', 0.0), time.perf_counter()
+        self.directory, self.name, self.monitor, self.mode, self.counted = directory, name, monitor, mode, counted
+        self.state = read_state(directory, name)
+        self.best, self.seconds = self.state.get('best'), self.state.get('seconds', 0.0)
+        self.epoch_start = time.perf_counter()
         remove_orphan_temp_files(directory, f'.{name}.*.tmp.keras')
 
     def improved(self, value: float) -> bool:
         return self.best is None or (value > self.best if self.mode == 'max' else value < self.best)
 
-    def save(self, filename: str) -> None:
+    def save(self, filename: str, state: dict | None = None) -> None:
         tmp = self.directory / f'.{self.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp.keras'
         try:
             self.model.save(tmp)
+            if state is not None:
+                with zipfile.ZipFile(tmp, 'a') as archive:
+                    archive.writestr(CHECKPOINT_STATE_ENTRY, json.dumps(state))
             os.replace(tmp, self.directory / filename)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def counters(self) -> dict:
+        return {type(c).__name__: {'wait': int(c.wait), 'best': float(c.best)} for c in self.counted}
+
+    def on_train_begin(self, logs=None):
+        for callback in self.counted:
+            for attribute, value in self.state.get('counters', {}).get(type(callback).__name__, {}).items():
+                setattr(callback, attribute, value)
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_start = time.perf_counter()
@@ -77,10 +94,11 @@ class AtomicCheckpoint(keras.callbacks.Callback):
             self.best = value
             self.save(f'{self.name}_best.keras')
             logger.info('Epoch %d: %s = %.4f, new best checkpoint.', epoch + 1, self.monitor, value)
-        self.save(f'{self.name}_last.keras')
-        state = {'epoch': epoch + 1, 'best': self.best, 'monitor': self.monitor, 'seconds': round(self.seconds, 1)}
+        self.state = {'epoch': epoch + 1, 'best': self.best, 'monitor': self.monitor,
+                      'seconds': round(self.seconds, 1), 'counters': self.counters()}
+        self.save(f'{self.name}_last.keras', self.state)
         tmp = self.directory / f'.{self.name}_state.json.tmp'
-        tmp.write_text(json.dumps(state))
+        tmp.write_text(json.dumps(self.state))
         os.replace(tmp, self.directory / f'{self.name}_state.json')
 
 
@@ -114,7 +132,13 @@ class MiningRefresh(keras.callbacks.Callback):
 
 def read_state(directory: Path, name: str) -> dict:
     """The phase's progress ({'epoch': finished epochs, 'best': best monitored value, 'seconds': wall time of
-    the epochs, validation included}), {} before the first epoch."""
+    the epochs, validation included, 'counters': see AtomicCheckpoint}), {} before the first epoch. Read from
+    `<name>_last.keras` when it holds it (it is the checkpoint a resume loads), else from `<name>_state.json`."""
+    last = directory / f'{name}_last.keras'
+    if last.exists():
+        with zipfile.ZipFile(last) as archive:
+            if CHECKPOINT_STATE_ENTRY in archive.namelist():
+                return json.loads(archive.read(CHECKPOINT_STATE_ENTRY))
     path = directory / f'{name}_state.json'
     return json.loads(path.read_text()) if path.exists() else {}
 
@@ -150,11 +174,11 @@ def triplet_dataset(batcher: TripletBatcher, batch_size: int) -> tf.data.Dataset
 
 
 def phase_callbacks(directory: Path, working_dir: Path, name: str, phase: str, monitor: str, mode: str) -> list:
-    return [AtomicCheckpoint(directory, name, monitor, mode),
-            keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=REDUCE_LR_FACTOR,
-                                              patience=REDUCE_LR_PATIENCE, min_lr=MIN_LEARNING_RATE),
-            keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, min_delta=0.001,
-                                          patience=EARLY_STOPPING_PATIENCE),
+    schedules = (keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=REDUCE_LR_FACTOR,
+                                                   patience=REDUCE_LR_PATIENCE, min_lr=MIN_LEARNING_RATE),
+                 keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, min_delta=0.001,
+                                               patience=EARLY_STOPPING_PATIENCE))
+    return [*schedules, AtomicCheckpoint(directory, name, monitor, mode, counted=schedules),
             keras.callbacks.CSVLogger(str(directory / 'history.csv'), append=True),
             keras.callbacks.TensorBoard(log_dir=str(working_dir / LOGS_SUBDIR / phase))]
 

@@ -1,0 +1,79 @@
+"""The training state AtomicCheckpoint keeps inside `<name>_last.keras`: a resume trusts the checkpoint it loads
+over a state file left one epoch behind, and ReduceLROnPlateau / EarlyStopping counters survive a resume."""
+
+import json
+import os
+import shutil
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
+
+from conv_models import DeepSpeakerModel  # noqa: E402
+from train import AtomicCheckpoint, phase_callbacks, read_state, resumed_or_new  # noqa: E402
+
+SMALL_WIDTH = 0.125
+
+
+@pytest.fixture(scope='module')
+def model() -> keras.Model:
+    model = DeepSpeakerModel(include_softmax=True, num_speakers_softmax=3, width=SMALL_WIDTH).m
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss='sparse_categorical_crossentropy')
+    return model
+
+
+def schedules() -> tuple[keras.callbacks.Callback, ...]:
+    return (keras.callbacks.ReduceLROnPlateau(monitor='val_loss', patience=10),
+            keras.callbacks.EarlyStopping(monitor='val_loss', patience=20))
+
+
+def test_resume_reads_the_epoch_of_the_last_checkpoint_when_the_state_file_lags_behind(tmp_path, model):
+    """A kill between the rename of `_last.keras` and that of `_state.json` leaves the file one epoch behind."""
+    checkpoint = AtomicCheckpoint(tmp_path, 'ResCNN', 'val_loss', 'min')
+    checkpoint.set_model(model)
+    checkpoint.on_epoch_end(0, {'val_loss': 2.0})
+    shutil.copy(tmp_path / 'ResCNN_state.json', tmp_path / 'epoch1.json')
+    checkpoint.on_epoch_end(1, {'val_loss': 1.5})
+    assert json.loads((tmp_path / 'ResCNN_state.json').read_text())['epoch'] == 2
+    os.replace(tmp_path / 'epoch1.json', tmp_path / 'ResCNN_state.json')
+
+    assert read_state(tmp_path, 'ResCNN')['epoch'] == 2
+    assert read_state(tmp_path, 'ResCNN')['best'] == 1.5
+    resumed, epoch = resumed_or_new(tmp_path, 'ResCNN', new_model=lambda: pytest.fail('a new model was built'))
+    assert epoch == 2
+    assert resumed.count_params() == model.count_params()
+
+
+def test_state_file_is_the_fallback_for_a_checkpoint_without_state(tmp_path, model):
+    model.save(tmp_path / 'ResCNN_last.keras')  # as a user's own save would be.
+    (tmp_path / 'ResCNN_state.json').write_text(json.dumps({'epoch': 3, 'best': 0.5}))
+    assert read_state(tmp_path, 'ResCNN') == {'epoch': 3, 'best': 0.5}
+
+
+def test_schedule_counters_are_restored_after_the_schedules_reset_them(tmp_path, model):
+    first = schedules()
+    checkpoint = AtomicCheckpoint(tmp_path, 'ResCNN', 'val_loss', 'min', counted=first)
+    for callback in (*first, checkpoint):
+        callback.set_model(model)
+        callback.on_train_begin()
+    for epoch, val_loss in enumerate([1.0, 1.2, 1.3, 1.1]):  # three epochs without improvement on 1.0.
+        for callback in (*first, checkpoint):
+            callback.on_epoch_end(epoch, {'val_loss': val_loss})
+    assert [c.wait for c in first] == [3, 3]
+    saved = read_state(tmp_path, 'ResCNN')['counters']
+    assert saved == {'ReduceLROnPlateau': {'wait': 3, 'best': 1.0}, 'EarlyStopping': {'wait': 3, 'best': 1.0}}
+    assert json.loads((tmp_path / 'ResCNN_state.json').read_text())['counters'] == saved
+
+    second = schedules()
+    callbacks = [c for c in phase_callbacks(tmp_path, tmp_path, 'ResCNN', 'softmax', 'val_loss', 'min')
+                 if isinstance(c, keras.callbacks.ReduceLROnPlateau | keras.callbacks.EarlyStopping | AtomicCheckpoint)]
+    assert isinstance(callbacks[-1], AtomicCheckpoint), 'the checkpoint must come after the schedules it counts'
+    resumed = AtomicCheckpoint(tmp_path, 'ResCNN', 'val_loss', 'min', counted=second)
+    for callback in (*second, resumed):
+        callback.set_model(model)
+        callback.on_train_begin()
+    assert [(c.wait, c.best) for c in second] == [(3, 1.0), (3, 1.0)]
+    for callback in (*second, resumed):
+        callback.on_epoch_end(4, {'val_loss': 0.9})
+    assert [(c.wait, c.best) for c in second] == [(0, 0.9), (0, 0.9)]
