@@ -35,5 +35,13 @@ cli train-model --working_dir "$wd" --model tdnn --pre_training_phase --epochs $
 evaluate models/tdnn-24 "$(seconds "$wd/checkpoints-softmax/TDNN_state.json")" "$wd/checkpoints-softmax/TDNN_best.keras"
 evaluate models/rescnn+tdnn-24 - "$RESCNN" "$wd/checkpoints-softmax/TDNN_best.keras"
 
+# The ResCNN softmax run again with another seed: the spread between two seeds is the noise of these tables.
+wd="$OUT/models/rescnn-seed-7"
+shared_dir "$wd" "$BASE"
+cli train-model --working_dir "$wd" --pre_training_phase --epochs "$SOFTMAX_EPOCHS" --steps_per_epoch "$STEPS" \
+    --width 0.25 --seed 7
+evaluate models/rescnn-seed-7 "$(seconds "$wd/checkpoints-softmax/ResCNN_state.json")" \
+    "$wd/checkpoints-softmax/ResCNN_best.keras"
+
 SEMIHARD="$BASE/triplet-semihard/checkpoints-triplets/ResCNN_best.keras"
 [ -f "$SEMIHARD" ] && evaluate models/rescnn-semihard+tdnn - "$SEMIHARD" "$TDNN"
