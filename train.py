@@ -265,8 +265,8 @@ def train_triplet(working_dir: str, epochs: int, steps_per_epoch: int = 100, wid
     def new_model():
         pre_trained = best_checkpoint(working_dir / CHECKPOINTS_SOFTMAX_DIR, name)
         if pre_trained.exists():
-            logger.info('Initialising from the softmax checkpoint %s.', pre_trained)
             dsm = build_model(str(pre_trained), model_name)
+            logger.info('Initialising from the softmax checkpoint %s, with its architecture.', pre_trained)
         else:
             logger.warning('No softmax checkpoint in %s: triplet training starts from random weights.',
                            pre_trained.parent)
