@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # The README's TDNN ablation table: one change at a time to the TDNN of recipes/models.sh (width 0.5, softmax
 # only, SOFTMAX_EPOCHS x STEPS batches, seed 123), each in its own working dir sharing the cache and model inputs
-# of `recipes/librispeech_100.sh clean` (run that first), evaluated on the test-other trial list.
+# of `recipes/librispeech_100.sh clean` (run that first; `augmented` needs its augmented variant too), evaluated on
+# the test-other trial list.
 #   bash recipes/tdnn_ablations.sh [name ...]    (default: every ablation below, in order)
 # Rows go to $OUT/results.csv as tdnn/<name>; finished runs are only re-evaluated.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-BASE="$OUT/clean"
-[ -d "$BASE/keras-inputs" ] || { echo "Run recipes/librispeech_100.sh clean first." >&2; exit 1; }
 
 declare -A ABLATIONS=(
   [seed-7]="--seed 7"
@@ -18,13 +17,17 @@ declare -A ABLATIONS=(
   [width-0.25]="--width 0.25"
   [pool-512]="--tdnn_layers 512:5:1,512:3:2,512:3:3,512:1:1,512:1:1"
   [width-1.0]="--width 1.0"
+  [augmented]=""
 )
-ORDER=(seed-7 bn-before-relu dropout-0.2 lr-3e-3 lr-3e-4 width-0.25 pool-512 width-1.0)
+declare -A VARIANT=([augmented]=augmented)  # the training data of an ablation, when not clean
+ORDER=(seed-7 bn-before-relu dropout-0.2 lr-3e-3 lr-3e-4 width-0.25 pool-512 width-1.0 augmented)
 
 for name in "${@:-${ORDER[@]}}"; do
   [ -n "${ABLATIONS[$name]+set}" ] || { echo "Unknown ablation: $name (one of: ${ORDER[*]})" >&2; exit 2; }
+  base="$OUT/${VARIANT[$name]:-clean}"
+  [ -d "$base/keras-inputs" ] || { echo "Run recipes/librispeech_100.sh ${VARIANT[$name]:-clean} first." >&2; exit 1; }
   wd="$OUT/tdnn-ablations/$name"
-  shared_dir "$wd" "$BASE"
+  shared_dir "$wd" "$base"
   # shellcheck disable=SC2086  # the options are words on purpose
   cli train-model --working_dir "$wd" --model tdnn --pre_training_phase --epochs "$SOFTMAX_EPOCHS" \
       --steps_per_epoch "$STEPS" --width 0.5 ${ABLATIONS[$name]}
