@@ -9,7 +9,6 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 VARIANT="${1:-clean}"
 WIDTH="${WIDTH:-0.25}"
-TRIPLET_EPOCHS="${TRIPLET_EPOCHS:-4}"
 MINING_MODES="${MINING_MODES:-random hard semihard}"
 SOFTMAX_LONG="${SOFTMAX_LONG:-1}"  # 0 skips the softmax-only run of the same budget
 BASE="$OUT/$VARIANT"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's model table: ResCNN vs TDNN vs GRU, softmax-trained at the same budget (epochs x steps) on
 # LibriSpeech train-clean-100, evaluated alone and fused on the test-other trial list. Reuses the cache, the
-# model inputs and the ResCNN softmax run of `recipes/librispeech_100.sh clean` (run that first).
+# model inputs and the ResCNN runs of `recipes/librispeech_100.sh clean` (run that first); then each model's
+# softmax checkpoint continued with semihard triplets.
 #   bash recipes/models.sh
 # Rows go to $OUT/results.csv as models/<run> (recipes/common.sh; fusions have no training seconds, "-").
 set -euo pipefail
@@ -35,13 +36,29 @@ cli train-model --working_dir "$wd" --model tdnn --pre_training_phase --epochs $
 evaluate models/tdnn-24 "$(seconds "$wd/checkpoints-softmax/TDNN_state.json")" "$wd/checkpoints-softmax/TDNN_best.keras"
 evaluate models/rescnn+tdnn-24 - "$RESCNN" "$wd/checkpoints-softmax/TDNN_best.keras"
 
-# The ResCNN softmax run again with another seed: the spread between two seeds is the noise of these tables.
-wd="$OUT/models/rescnn-seed-7"
-shared_dir "$wd" "$BASE"
-cli train-model --working_dir "$wd" --pre_training_phase --epochs "$SOFTMAX_EPOCHS" --steps_per_epoch "$STEPS" \
-    --width 0.25 --seed 7
-evaluate models/rescnn-seed-7 "$(seconds "$wd/checkpoints-softmax/ResCNN_state.json")" \
-    "$wd/checkpoints-softmax/ResCNN_best.keras"
+# The ResCNN softmax run again with other seeds: the spread between seeds is the noise of these tables.
+for seed in 7 11; do
+  wd="$OUT/models/rescnn-seed-$seed"
+  shared_dir "$wd" "$BASE"
+  cli train-model --working_dir "$wd" --pre_training_phase --epochs "$SOFTMAX_EPOCHS" --steps_per_epoch "$STEPS" \
+      --width 0.25 --seed "$seed"
+  evaluate "models/rescnn-seed-$seed" "$(seconds "$wd/checkpoints-softmax/ResCNN_state.json")" \
+      "$wd/checkpoints-softmax/ResCNN_best.keras"
+done
+
+# The TDNN and the GRU continued with semihard triplets, as recipes/librispeech_100.sh does for the ResCNN.
+for model in tdnn gru; do
+  wd="$OUT/models/$model-semihard"
+  shared_dir "$wd" "$BASE"
+  ln -sfn "$OUT/models/$model/checkpoints-softmax" "$wd/checkpoints-softmax"
+  cli train-model --working_dir "$wd" --model "$model" --triplet_mining semihard --epochs "$TRIPLET_EPOCHS" \
+      --steps_per_epoch "$STEPS" --history_size 2000 --refresh_every 25
+  checkpoints="$wd/checkpoints-triplets/${NAME[$model]}"
+  evaluate "models/$model-semihard" "$(seconds "${checkpoints}_state.json")" "${checkpoints}_best.keras"
+done
 
 SEMIHARD="$BASE/triplet-semihard/checkpoints-triplets/ResCNN_best.keras"
-[ -f "$SEMIHARD" ] && evaluate models/rescnn-semihard+tdnn - "$SEMIHARD" "$TDNN"
+if [ -f "$SEMIHARD" ]; then
+  evaluate models/rescnn-semihard+tdnn - "$SEMIHARD" "$TDNN"
+  evaluate models/rescnn-semihard+tdnn-semihard - "$SEMIHARD" "$OUT/models/tdnn-semihard/checkpoints-triplets/TDNN_best.keras"
+fi

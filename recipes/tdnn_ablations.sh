@@ -10,6 +10,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 declare -A ABLATIONS=(
   [seed-7]="--seed 7"
+  [seed-11]="--seed 11"
   [bn-before-relu]="--bn_before_relu"
   [dropout-0.2]="--dropout 0.2"
   [lr-3e-3]="--learning_rate 3e-3"
@@ -20,7 +21,7 @@ declare -A ABLATIONS=(
   [augmented]=""
 )
 declare -A VARIANT=([augmented]=augmented)  # the training data of an ablation, when not clean
-ORDER=(seed-7 bn-before-relu dropout-0.2 lr-3e-3 lr-3e-4 width-0.25 pool-512 width-1.0 augmented)
+ORDER=(seed-7 seed-11 bn-before-relu dropout-0.2 lr-3e-3 lr-3e-4 width-0.25 pool-512 width-1.0 augmented)
 
 for name in "${@:-${ORDER[@]}}"; do
   [ -n "${ABLATIONS[$name]+set}" ] || { echo "Unknown ablation: $name (one of: ${ORDER[*]})" >&2; exit 2; }
