@@ -2,6 +2,7 @@
 README's example and the one-line errors of bad input."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -122,3 +123,15 @@ def test_bad_tdnn_options_are_one_line_errors_before_any_work(tmp_path, options,
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f'Error: {message}']
     assert not wd.exists()
+
+
+def test_demo_with_another_model_trains_and_evaluates_that_model(tmp_path):
+    """`./deep-speaker demo` passes its options to both training phases and evaluates the model they name."""
+    demo_dir = tmp_path / 'demo'
+    result = subprocess.run([str(ROOT / 'deep-speaker'), 'demo', '--model=tdnn', '--epochs', '1', '--steps_per_epoch',
+                             '2', *TINY], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, 'DEMO_DIR': str(demo_dir)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    for phase in ('checkpoints-softmax', 'checkpoints-triplets'):
+        assert sorted(p.name for p in (demo_dir / phase).glob('*.keras')) == ['TDNN_best.keras', 'TDNN_last.keras']
+    assert METRICS_LINE.search(result.stdout), result.stdout
