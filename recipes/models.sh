@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The README's model table: ResCNN vs TDNN vs GRU, softmax-trained at the same budget (epochs x steps) on
 # LibriSpeech train-clean-100, evaluated alone and fused on the test-other trial list. Reuses the cache, the
-# model inputs and the ResCNN runs of `recipes/librispeech_100.sh clean` (run that first); then each model's
-# softmax checkpoint continued with semihard triplets.
+# model inputs and the ResCNN runs of `recipes/librispeech_100.sh clean` (run that first); then the ResCNN and
+# the TDNN with two more seeds, and each model's softmax checkpoint continued with semihard triplets.
 #   bash recipes/models.sh
 # Rows go to $OUT/results.csv as models/<run> (recipes/common.sh; fusions have no training seconds, "-").
 set -euo pipefail
@@ -10,8 +10,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 BASE="$OUT/clean"
 [ -f "$BASE/checkpoints-softmax/ResCNN_best.keras" ] || { echo "Run recipes/librispeech_100.sh clean first." >&2; exit 1; }
 
-declare -A WIDTH=([tdnn]=0.5 [gru]=0.25)
-declare -A NAME=([tdnn]=TDNN [gru]=GRU)
+declare -A WIDTH=([rescnn]=0.25 [tdnn]=0.5 [gru]=0.25)
+declare -A NAME=([rescnn]=ResCNN [tdnn]=TDNN [gru]=GRU)
 for model in tdnn gru; do
   wd="$OUT/models/$model"
   shared_dir "$wd" "$BASE"
@@ -36,15 +36,24 @@ cli train-model --working_dir "$wd" --model tdnn --pre_training_phase --epochs $
 evaluate models/tdnn-24 "$(seconds "$wd/checkpoints-softmax/TDNN_state.json")" "$wd/checkpoints-softmax/TDNN_best.keras"
 evaluate models/rescnn+tdnn-24 - "$RESCNN" "$wd/checkpoints-softmax/TDNN_best.keras"
 
-# The ResCNN softmax run again with other seeds: the spread between seeds is the noise of these tables.
-for seed in 7 11; do
-  wd="$OUT/models/rescnn-seed-$seed"
-  shared_dir "$wd" "$BASE"
-  cli train-model --working_dir "$wd" --pre_training_phase --epochs "$SOFTMAX_EPOCHS" --steps_per_epoch "$STEPS" \
-      --width 0.25 --seed "$seed"
-  evaluate "models/rescnn-seed-$seed" "$(seconds "$wd/checkpoints-softmax/ResCNN_state.json")" \
-      "$wd/checkpoints-softmax/ResCNN_best.keras"
+# The ResCNN and TDNN softmax runs again with other seeds: the spread between seeds is the noise of these tables.
+declare -A SEEDED=([rescnn]="$RESCNN" [tdnn]="$TDNN")
+for model in rescnn tdnn; do
+  for seed in 7 11; do
+    wd="$OUT/models/$model-seed-$seed"
+    shared_dir "$wd" "$BASE"
+    cli train-model --working_dir "$wd" --model "$model" --pre_training_phase --epochs "$SOFTMAX_EPOCHS" \
+        --steps_per_epoch "$STEPS" --width "${WIDTH[$model]}" --seed "$seed"
+    checkpoints="$wd/checkpoints-softmax/${NAME[$model]}"
+    evaluate "models/$model-seed-$seed" "$(seconds "${checkpoints}_state.json")" "${checkpoints}_best.keras"
+    SEEDED[$model]+=" ${checkpoints}_best.keras"
+  done
+  # shellcheck disable=SC2086  # one checkpoint per word
+  evaluate "models/$model-3-seeds" - ${SEEDED[$model]}
 done
+# Two TDNNs take about the training time of one ResCNN.
+# shellcheck disable=SC2086
+evaluate models/tdnn-2-seeds - $(echo ${SEEDED[tdnn]} | cut -d' ' -f1-2)
 
 # The TDNN and the GRU continued with semihard triplets, as recipes/librispeech_100.sh does for the ResCNN.
 for model in tdnn gru; do
