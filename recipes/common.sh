@@ -21,6 +21,12 @@ shared_dir() {  # dir base: a working dir that shares the feature cache and mode
   for shared in audio-fbanks keras-inputs; do ln -sfn "$2/$shared" "$1/$shared"; done
 }
 
+# row prefix (e.g. .../checkpoints-softmax/TDNN): evaluates <prefix>_best.keras, with the training seconds of
+# <prefix>_state.json
+evaluate_trained() {
+  evaluate "$1" "$(seconds "$2_state.json")" "$2_best.keras"
+}
+
 evaluate() {  # row seconds checkpoint [checkpoint ...]: eval-trials (fused if several), scores and DET in $OUT/row.*
   local row="$1" trained="$2" line args=()
   shift 2

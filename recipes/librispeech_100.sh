@@ -19,16 +19,12 @@ case "$VARIANT" in
 esac
 mkdir -p "$BASE"
 
-evaluate_run() {  # run checkpoints_dir: the run's best ResCNN checkpoint, with its training seconds
-  evaluate "$VARIANT/$1" "$(seconds "$2/ResCNN_state.json")" "$2/ResCNN_best.keras"
-}
-
 cli build-mfcc-cache --working_dir "$BASE" --audio_dir "$DATA/LibriSpeech/train-clean-100" "${AUGMENT[@]}"
 cli build-keras-inputs --working_dir "$BASE" --counts_per_speaker 100,10
 
 cli train-model --working_dir "$BASE" --pre_training_phase --epochs "$SOFTMAX_EPOCHS" --steps_per_epoch "$STEPS" \
     --width "$WIDTH"
-evaluate_run softmax "$BASE/checkpoints-softmax"
+evaluate_trained "$VARIANT/softmax" "$BASE/checkpoints-softmax/ResCNN"
 
 for mining in $MINING_MODES; do
   wd="$BASE/triplet-$mining"
@@ -36,7 +32,7 @@ for mining in $MINING_MODES; do
   ln -sfn "$BASE/checkpoints-softmax" "$wd/checkpoints-softmax"
   cli train-model --working_dir "$wd" --no_pre_training_phase --triplet_mining "$mining" --epochs "$TRIPLET_EPOCHS" \
       --steps_per_epoch "$STEPS" --width "$WIDTH" --history_size 2000 --refresh_every 25
-  evaluate_run "triplet-$mining" "$wd/checkpoints-triplets"
+  evaluate_trained "$VARIANT/triplet-$mining" "$wd/checkpoints-triplets/ResCNN"
 done
 
 [ "$SOFTMAX_LONG" = 1 ] || exit 0
@@ -45,4 +41,4 @@ shared_dir "$wd" "$BASE"
 [ -d "$wd/checkpoints-softmax" ] || cp -r "$BASE/checkpoints-softmax" "$wd/checkpoints-softmax"
 cli train-model --working_dir "$wd" --pre_training_phase --epochs $((SOFTMAX_EPOCHS + TRIPLET_EPOCHS)) \
     --steps_per_epoch "$STEPS" --width "$WIDTH"
-evaluate_run softmax-long "$wd/checkpoints-softmax"
+evaluate_trained "$VARIANT/softmax-long" "$wd/checkpoints-softmax/ResCNN"

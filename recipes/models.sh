@@ -17,8 +17,7 @@ for model in tdnn gru; do
   shared_dir "$wd" "$BASE"
   cli train-model --working_dir "$wd" --model "$model" --pre_training_phase --epochs "$SOFTMAX_EPOCHS" \
       --steps_per_epoch "$STEPS" --width "${WIDTH[$model]}"
-  checkpoints="$wd/checkpoints-softmax/${NAME[$model]}"
-  evaluate "models/$model" "$(seconds "${checkpoints}_state.json")" "${checkpoints}_best.keras"
+  evaluate_trained "models/$model" "$wd/checkpoints-softmax/${NAME[$model]}"
 done
 
 RESCNN="$BASE/checkpoints-softmax/ResCNN_best.keras"
@@ -33,7 +32,7 @@ shared_dir "$wd" "$BASE"
 [ -d "$wd/checkpoints-softmax" ] || cp -r "$OUT/models/tdnn/checkpoints-softmax" "$wd/checkpoints-softmax"
 cli train-model --working_dir "$wd" --model tdnn --pre_training_phase --epochs $((2 * SOFTMAX_EPOCHS)) \
     --steps_per_epoch "$STEPS" --width "${WIDTH[tdnn]}"
-evaluate models/tdnn-24 "$(seconds "$wd/checkpoints-softmax/TDNN_state.json")" "$wd/checkpoints-softmax/TDNN_best.keras"
+evaluate_trained models/tdnn-24 "$wd/checkpoints-softmax/TDNN"
 evaluate models/rescnn+tdnn-24 - "$RESCNN" "$wd/checkpoints-softmax/TDNN_best.keras"
 
 # The ResCNN and TDNN softmax runs again with other seeds: the spread between seeds is the noise of these tables.
@@ -44,16 +43,14 @@ for model in rescnn tdnn; do
     shared_dir "$wd" "$BASE"
     cli train-model --working_dir "$wd" --model "$model" --pre_training_phase --epochs "$SOFTMAX_EPOCHS" \
         --steps_per_epoch "$STEPS" --width "${WIDTH[$model]}" --seed "$seed"
-    checkpoints="$wd/checkpoints-softmax/${NAME[$model]}"
-    evaluate "models/$model-seed-$seed" "$(seconds "${checkpoints}_state.json")" "${checkpoints}_best.keras"
-    SEEDED[$model]+=" ${checkpoints}_best.keras"
+    evaluate_trained "models/$model-seed-$seed" "$wd/checkpoints-softmax/${NAME[$model]}"
+    SEEDED[$model]+=" $wd/checkpoints-softmax/${NAME[$model]}_best.keras"
   done
   # shellcheck disable=SC2086  # one checkpoint per word
   evaluate "models/$model-3-seeds" - ${SEEDED[$model]}
 done
 # Two TDNNs take about the training time of one ResCNN.
-# shellcheck disable=SC2086
-evaluate models/tdnn-2-seeds - $(echo ${SEEDED[tdnn]} | cut -d' ' -f1-2)
+evaluate models/tdnn-2-seeds - "$TDNN" "$OUT/models/tdnn-seed-7/checkpoints-softmax/TDNN_best.keras"
 
 # The TDNN and the GRU continued with semihard triplets, as recipes/librispeech_100.sh does for the ResCNN.
 for model in tdnn gru; do
@@ -62,8 +59,7 @@ for model in tdnn gru; do
   ln -sfn "$OUT/models/$model/checkpoints-softmax" "$wd/checkpoints-softmax"
   cli train-model --working_dir "$wd" --model "$model" --triplet_mining semihard --epochs "$TRIPLET_EPOCHS" \
       --steps_per_epoch "$STEPS" --history_size 2000 --refresh_every 25
-  checkpoints="$wd/checkpoints-triplets/${NAME[$model]}"
-  evaluate "models/$model-semihard" "$(seconds "${checkpoints}_state.json")" "${checkpoints}_best.keras"
+  evaluate_trained "models/$model-semihard" "$wd/checkpoints-triplets/${NAME[$model]}"
 done
 
 SEMIHARD="$BASE/triplet-semihard/checkpoints-triplets/ResCNN_best.keras"

@@ -30,6 +30,5 @@ for name in "${@:-${ORDER[@]}}"; do
   # shellcheck disable=SC2086  # the options are words on purpose
   cli train-model --working_dir "$wd" --model tdnn --pre_training_phase --epochs "$SOFTMAX_EPOCHS" \
       --steps_per_epoch "$STEPS" --width 0.5 ${ABLATIONS[$name]}
-  evaluate "tdnn/$name" "$(seconds "$wd/checkpoints-softmax/TDNN_state.json")" \
-      "$wd/checkpoints-softmax/TDNN_best.keras"
+  evaluate_trained "tdnn/$name" "$wd/checkpoints-softmax/TDNN"
 done
