@@ -1,117 +1,34 @@
-"""Audio reading, silence trimming, 64-filter fbank features and the per-utterance feature cache.
+"""The per-utterance feature cache (`<working_dir>/audio-fbanks/<speaker>/<utterance>.npy`, built by a pool of
+workers with atomic writes and a skipped-files report) and its augmented copies (speed perturbation, noise).
 
-Features are python_speech_features' fbank (25 ms windows, 10 ms hop, NFFT 512, pre-emphasis 0.97,
-no log), computed with vectorised numpy, each frame normalised to zero mean and unit std.
+The signal processing lives in features.py; the names the original implementation's users import from here
+(`read_mfcc`, `AudioError`, `read_audio`, `trim_silence`, `fbank`, ...) are re-exported. "mfcc" names the
+normalised fbank features, as in the original. Imports features, workdir and constants only.
 """
 
 import logging
 import os
-import uuid
 import zlib
 from collections import defaultdict
-from functools import lru_cache
 from multiprocessing import get_context
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import soundfile as sf
-from python_speech_features import get_filterbanks
 from tqdm import tqdm
 
-from constants import (
-    AUDIO_EXTENSIONS,
-    AUGMENTED_MARK,
-    CACHE_SUBDIR,
-    FBANK_BLOCK_FRAMES,
-    FRAME_LENGTH_S,
-    FRAME_STEP_S,
-    NFFT,
-    NORMALIZE_EPSILON,
-    NUM_FBANKS,
-    PREEMPHASIS,
-    SAMPLE_RATE,
-    SILENCE_PERCENTILE,
-    SKIPPED_FILES_REPORT,
-    SPEED_FACTORS,
-)
+from constants import AUDIO_EXTENSIONS, AUGMENTED_MARK, SAMPLE_RATE, SPEED_FACTORS
+from features import AudioError as AudioError
+from features import fbank as fbank
+from features import frame_length as frame_length
+from features import frame_step as frame_step
+from features import mel_matrix as mel_matrix
+from features import mfcc_fbank as mfcc_fbank
+from features import normalize_frames as normalize_frames
+from features import read_audio, trim_silence, trimmed_features
+from workdir import WorkingDir, atomic_path, remove_orphan_temp_files
 
 logger = logging.getLogger(__name__)
-
-
-class AudioError(ValueError):
-    """An audio file that cannot become features; the message names the file and the reason."""
-
-
-def frame_length(sample_rate: int = SAMPLE_RATE) -> int:
-    """Samples per 25 ms analysis window (400 at 16 kHz)."""
-    return int(round(FRAME_LENGTH_S * sample_rate))
-
-
-def frame_step(sample_rate: int = SAMPLE_RATE) -> int:
-    """Samples per 10 ms hop (160 at 16 kHz)."""
-    return int(round(FRAME_STEP_S * sample_rate))
-
-
-def read_audio(path: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Returns the file's samples as float32 mono at `sample_rate` Hz, shape (samples,), range [-1, 1]."""
-    try:
-        audio, file_rate = sf.read(path, dtype='float32', always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise AudioError(f'{path}: not a readable wav/flac file ({e}); remove or re-encode it.') from None
-    audio = audio.mean(axis=1)
-    if file_rate != sample_rate and len(audio) > 0:
-        import librosa  # slow to import: only when a file needs resampling.
-        audio = librosa.resample(audio, orig_sr=file_rate, target_sr=sample_rate).astype(np.float32)
-    return audio
-
-
-def trim_silence(audio: np.ndarray, path: str = '<array>') -> np.ndarray:
-    """Returns the span between the first and last sample at least as loud as the 95th percentile of |audio|."""
-    energy = np.abs(audio)
-    if not np.all(np.isfinite(energy)):
-        raise AudioError(f'{path}: contains NaN or infinite samples; re-encode or remove it.')
-    if len(audio) == 0 or not np.any(energy > 0):
-        raise AudioError(f'{path}: empty or silent audio; remove it from the data set.')
-    loud = np.flatnonzero((energy >= np.percentile(energy, SILENCE_PERCENTILE)) & (energy > 0))
-    return audio[loud[0]:loud[-1]]
-
-
-@lru_cache(maxsize=4)
-def mel_matrix(sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """python_speech_features' triangular mel filterbank, transposed: shape (NFFT // 2 + 1, NUM_FBANKS)."""
-    return get_filterbanks(NUM_FBANKS, NFFT, sample_rate).T.astype(np.float32)
-
-
-def fbank(signal: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Mel filterbank energies (no log) of a mono signal, as python_speech_features.fbank computes them.
-
-    signal: shape (samples,), at least one 25 ms frame long. Returns float32, shape (frames, NUM_FBANKS),
-    frames = 1 + ceil((samples - 400) / 160) at 16 kHz (the last frame zero-padded).
-    """
-    length, step = frame_length(sample_rate), frame_step(sample_rate)
-    signal = np.asarray(signal, dtype=np.float32)
-    emphasised = np.append(signal[0], signal[1:] - PREEMPHASIS * signal[:-1])
-    num_frames = 1 + int(np.ceil((len(signal) - length) / step))
-    padded = np.pad(emphasised, (0, (num_frames - 1) * step + length - len(signal)))
-    frames = np.lib.stride_tricks.sliding_window_view(padded, length)[::step]  # a view: no copy.
-    energies = np.empty((num_frames, NUM_FBANKS), dtype=np.float32)
-    for start in range(0, num_frames, FBANK_BLOCK_FRAMES):  # blocks bound the memory of long files.
-        power = np.square(np.abs(np.fft.rfft(frames[start:start + FBANK_BLOCK_FRAMES], NFFT))) / NFFT
-        energies[start:start + FBANK_BLOCK_FRAMES] = power.astype(np.float32) @ mel_matrix(sample_rate)
-    energies[energies == 0] = np.finfo(float).eps
-    return energies
-
-
-def normalize_frames(features: np.ndarray, epsilon: float = NORMALIZE_EPSILON) -> np.ndarray:
-    """Each row (frame) to zero mean and unit standard deviation; shape unchanged."""
-    std = np.maximum(features.std(axis=1, keepdims=True), epsilon)
-    return (features - features.mean(axis=1, keepdims=True)) / std
-
-
-def mfcc_fbank(signal: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Normalised fbank features of a mono signal: float32, shape (frames, NUM_FBANKS)."""
-    return normalize_frames(fbank(signal, sample_rate)).astype(np.float32)
 
 
 class Augmentation(NamedTuple):
@@ -172,10 +89,7 @@ def read_mfcc(input_filename: str, sample_rate: int = SAMPLE_RATE,
     audio = trim_silence(read_audio(input_filename, sample_rate), input_filename)
     if augmentation is not None:
         audio = augment(audio, augmentation, input_filename + augmentation.suffix, sample_rate)
-    if len(audio) < frame_length(sample_rate):
-        raise AudioError(f'{input_filename}: shorter than one {int(FRAME_LENGTH_S * 1000)} ms frame after '
-                         f'trimming silence; remove it from the data set.')
-    return mfcc_fbank(audio, sample_rate)
+    return trimmed_features(audio, input_filename, sample_rate)
 
 
 def find_audio_files(audio_dir: str) -> list[Path]:
@@ -192,36 +106,8 @@ def speaker_of(audio_file: Path, audio_dir: Path) -> str:
 def save_npy_atomically(path: Path, array: np.ndarray) -> None:
     """Writes `array` to `path` through a uniquely named temporary file (`.<stem>.<pid>-<random>.tmp.npy`), so
     `path` is whole or absent."""
-    tmp = path.with_name(f'.{path.stem}.{os.getpid()}-{uuid.uuid4().hex}.tmp.npy')
-    try:
+    with atomic_path(path) as tmp:
         np.save(tmp, array)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def process_is_alive(pid: int) -> bool:
-    """Whether process `pid` runs. A zombie (a killed pool worker that nobody has reaped yet) is dead."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # Linux: the state letter follows the parenthesised command name in /proc/<pid>/stat.
-        return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0] != 'Z'
-    except (OSError, IndexError):
-        return True
-
-
-def remove_orphan_temp_files(directory: Path, pattern: str) -> int:
-    """Deletes the temporary files `.<name>.<pid>-<random>.tmp.<ext>` matching `pattern` in `directory` whose
-    writing process is gone (a killed build or training run); returns how many. Files of live writers stay."""
-    orphans = [tmp for tmp in directory.glob(pattern)
-               if not process_is_alive(int(tmp.name.rsplit('.', 3)[-3].split('-')[0]))]
-    for tmp in orphans:
-        tmp.unlink(missing_ok=True)
-    return len(orphans)
 
 
 def augmentations(speed_perturb: bool, noises: list[str], snr_range: tuple[float, float]) -> list[Augmentation]:
@@ -245,11 +131,12 @@ def _cache_one(job: tuple[str, str, int, Augmentation | None]) -> str | None:
 
 
 class Audio:
-    """Per-utterance fbank cache `<cache_dir>/audio-fbanks/<speaker>/<utterance>.npy` and its speaker index."""
+    """Per-utterance fbank cache `<working_dir>/audio-fbanks/<speaker>/<utterance>.npy` and its speaker index."""
 
-    def __init__(self, cache_dir: str, audio_dir: str | None = None, sample_rate: int = SAMPLE_RATE,
+    def __init__(self, cache_dir: 'str | WorkingDir', audio_dir: str | None = None, sample_rate: int = SAMPLE_RATE,
                  workers: int | None = None, variants: list[Augmentation] = ()):
-        self.cache_dir = Path(cache_dir).expanduser() / CACHE_SUBDIR
+        self.working_dir = WorkingDir.of(cache_dir)  # `cache_dir`, the original's name, is the working dir.
+        self.cache_dir = self.working_dir.cache_dir
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         if audio_dir is not None:
             self.build_cache(Path(audio_dir).expanduser(), sample_rate, workers or os.cpu_count() or 1,
@@ -309,7 +196,7 @@ class Audio:
         return self.cache_dir / speaker / f'{utterance}{variant.suffix}.npy'
 
     def _report_skipped(self, errors: list[str]) -> None:
-        report = self.cache_dir.parent / SKIPPED_FILES_REPORT
+        report = self.working_dir.skipped_files_report
         if errors:
             report.write_text('\n'.join(sorted(errors)) + '\n')
             logger.warning('Skipped %d bad audio files, listed in %s.', len(errors), report)

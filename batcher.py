@@ -3,7 +3,6 @@ files (kx/ky train/test, memory-mapped) and the triplet batcher with its triplet
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +13,15 @@ import numpy as np
 from tqdm import tqdm
 
 from audio import Audio
-from constants import AUGMENTED_MARK, COUNTS_PER_SPEAKER, KERAS_INPUTS_SUBDIR, NUM_FBANKS, NUM_FRAMES, TRAIN_TEST_RATIO
+from constants import (
+    AUGMENTED_MARK,
+    COUNTS_PER_SPEAKER,
+    MINING_REFRESH_CHUNK,
+    NUM_FBANKS,
+    NUM_FRAMES,
+    TRAIN_TEST_RATIO,
+)
+from workdir import INPUTS_META, NotBuiltError, WorkingDir, atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -83,33 +90,34 @@ class SparseCategoricalSpeakers:
 
 def write_npy_atomically(path: Path, shape: tuple, dtype, fill: Callable[[np.ndarray], None]) -> None:
     """Creates `path` as a memory-mapped .npy of `shape`, filled by `fill(array)`, renamed into place when whole."""
-    tmp = path.with_name(f'.{path.name}.tmp')
-    array = np.lib.format.open_memmap(tmp, mode='w+', dtype=dtype, shape=shape)
-    fill(array)
-    array.flush()
-    del array
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        array = np.lib.format.open_memmap(tmp, mode='w+', dtype=dtype, shape=shape)
+        fill(array)
+        array.flush()
+        del array
 
 
 class KerasFormatConverter:
     """Builds and reads `<working_dir>/keras-inputs/`: kx_train.npy (n, 160, 64, 1) float32 crops, ky_train.npy
-    (n,) int32 class indices, the same for test, and categorical_speakers.pkl (dill)."""
+    (n,) int32 class indices, the same for test, categorical_speakers.pkl (dill) and meta.json (what they were
+    built from). NotBuiltError without cached features."""
 
-    def __init__(self, working_dir: str):
-        self.working_dir = Path(working_dir).expanduser()
-        self.output_dir = self.working_dir / KERAS_INPUTS_SUBDIR
-        self.audio = Audio(cache_dir=str(self.working_dir))
+    def __init__(self, working_dir: 'str | WorkingDir'):
+        self.workdir = WorkingDir.of(working_dir)
+        self.working_dir, self.output_dir = self.workdir.root, self.workdir.inputs_dir
+        self.audio = Audio(self.workdir)
         if not self.audio.speakers_to_utterances:
-            raise FileNotFoundError(f'--working_dir {self.working_dir}: no cached features; run build-mfcc-cache '
-                                    f'(./deep-speaker build_mfcc) first.')
+            raise NotBuiltError(self.working_dir, 'features', 'no cached features')
         self.categorical_speakers = SparseCategoricalSpeakers(self.audio.speaker_ids)
 
     def path(self, name: str) -> Path:
         return self.output_dir / name
 
     def is_built(self, settings: dict) -> bool:
-        meta = self.path('meta.json')
-        return meta.exists() and json.loads(meta.read_text()) == settings
+        try:
+            return self.workdir.inputs_settings() == settings
+        except NotBuiltError:
+            return False
 
     def settings(self, max_length: int, counts_per_speaker, seed: int) -> dict:
         """What the inputs are built from, recorded in meta.json: a change rebuilds them."""
@@ -123,7 +131,7 @@ class KerasFormatConverter:
             logger.info('%s is up to date; nothing to do.', self.output_dir)
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.path('meta.json').unlink(missing_ok=True)
+        self.path(INPUTS_META).unlink(missing_ok=True)
         rng = np.random.default_rng(seed)
         splits = {s: train_test_sources(list(u.values())) for s, u in self.audio.speakers_to_utterances.items()}
         for phase, count in zip(('train', 'test'), counts_per_speaker, strict=True):
@@ -131,7 +139,7 @@ class KerasFormatConverter:
             self.generate_per_phase(phase, sources, count, max_length, rng)
         with open(self.path('categorical_speakers.pkl'), 'wb') as w:
             dill.dump(self.categorical_speakers, w)
-        self.path('meta.json').write_text(json.dumps(settings))
+        self.path(INPUTS_META).write_text(json.dumps(settings))
 
     def generate_per_phase(self, phase: str, sources: dict[str, list[Source]], num_per_speaker: int,
                            max_length: int, rng: np.random.Generator) -> None:
@@ -152,16 +160,15 @@ class KerasFormatConverter:
         write_npy_atomically(self.path(f'ky_{phase}.npy'), (total,), np.int32, fill_y)
 
     def load(self, phase: str) -> tuple[np.ndarray, np.ndarray]:
-        """Memory-mapped (kx, ky) of 'train' or 'test'."""
-        if not self.path('meta.json').exists():
-            raise FileNotFoundError(f'--working_dir {self.working_dir}: no model inputs in {self.output_dir}; run '
-                                    f'build-keras-inputs (./deep-speaker build_model_inputs) first.')
+        """Memory-mapped (kx, ky) of 'train' or 'test'; NotBuiltError before generate."""
+        self.workdir.inputs_settings()
         return (np.load(self.path(f'kx_{phase}.npy'), mmap_mode='r'),
                 np.load(self.path(f'ky_{phase}.npy'), mmap_mode='r'))
 
     @property
     def num_speakers(self) -> int:
-        return len(self.categorical_speakers.speaker_ids)
+        """Softmax classes of the built inputs (their meta.json), whatever the cache holds now."""
+        return len(self.workdir.input_speakers())
 
 
 TripletSelector = Callable[['TripletBatcher', int], tuple[np.ndarray, np.ndarray, np.ndarray]]
@@ -266,7 +273,8 @@ class HardNegativeMiner:
         self.history: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.selection_seconds: list[float] = []
 
-    def refresh(self, kx: np.ndarray, embed: Callable[[np.ndarray], np.ndarray], chunk: int = 512) -> None:
+    def refresh(self, kx: np.ndarray, embed: Callable[[np.ndarray], np.ndarray],
+                chunk: int = MINING_REFRESH_CHUNK) -> None:
         """Re-samples and re-embeds the history; `embed` maps crops (n, 160, 64, 1) to embeddings (n, dims)."""
         positions = np.sort(history_sample(self.labels, self.history_size, self.rng))
         embeddings = np.concatenate([embed(kx[part]) for part in np.array_split(positions, -(-len(positions) //

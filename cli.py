@@ -1,9 +1,12 @@
-"""Command-line entry points of deep-speaker (click): cache features, build model inputs, train, evaluate."""
+"""Command-line entry points of deep-speaker (click): cache features, build model inputs, train, evaluate.
+
+Only parses options, calls one function per command and turns the domain errors of the modules below
+(AudioError, CheckpointError, TrialError, NotBuiltError, OSError) into one-line `Error: ...` messages that name
+the options and commands. Imports everything; nothing imports it."""
 
 import logging
 import os
 import sys
-from pathlib import Path
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's C++ info logs; 0 shows them.
 
@@ -14,6 +17,7 @@ from constants import (  # noqa: E402
     CHECKPOINTS_TRIPLET_DIR,
     COUNTS_PER_SPEAKER,
     DCF_P_TARGET,
+    DEFAULT_EPOCHS,
     DEFAULT_SEED,
     DEFAULT_TRIPLET_MINING,
     DEFAULT_WORKING_DIR,
@@ -26,7 +30,9 @@ from constants import (  # noqa: E402
     TDNN_FRAME_LAYERS,
     TRIPLET_LEARNING_RATE,
     TRIPLET_MINING_MODES,
+    TRIPLET_STEPS_PER_EPOCH,
 )
+from workdir import NotBuiltError, WorkingDir  # noqa: E402
 
 VERSION = '2.0.0'
 logger = logging.getLogger('deep-speaker')
@@ -54,10 +60,28 @@ def fail(message: str) -> None:
     sys.exit(1)
 
 
+BUILD_COMMANDS = {'features': 'build-mfcc-cache (./deep-speaker build_mfcc)',
+                  'inputs': 'build-keras-inputs (./deep-speaker build_model_inputs)'}
+
+
 def os_error_message(e: OSError) -> str:
-    """One line for an OSError: ours carry their message; the system's (unwritable or non-directory working dir,
-    full disk) name the file and the reason."""
+    """One line for an OSError: a missing pipeline step names the command that builds it; ours carry their
+    message; the system's (unwritable or non-directory working dir, full disk) name the file and the reason."""
+    if isinstance(e, NotBuiltError):
+        return f'--working_dir {e.working_dir}: {e.what}; run {BUILD_COMMANDS[e.step]} first.'
     return str(e) if e.filename is None else f'{e.filename}: {e.strerror or e}.'
+
+
+def comma_list(text: str, option: str, expected: str, convert, valid) -> list:
+    """The comma-separated values of `option`, each through `convert`; a one-line error saying what was
+    `expected` when one does not convert (ValueError) or `valid(values)` is false."""
+    try:
+        values = [convert(x) for x in text.split(',')]
+    except ValueError:
+        values = None
+    if values is None or not valid(values):
+        fail(f'{option} {text}: expected {expected}.')
+    return values
 
 
 @click.group()
@@ -94,14 +118,10 @@ def build_mfcc_cache(working_dir, audio_dir, sample_rate, workers, speed_perturb
     for n in noises:
         if n not in ('white', 'pink') and not os.path.isdir(n):
             fail(f'--noise {n}: expected white, pink or a directory of noise files.')
+    snr = tuple(comma_list(snr_range, '--snr_range', '"LOW,HIGH" in dB, e.g. 5,20', float,
+                           lambda values: len(values) == 2 and values[0] <= values[1]))
     try:
-        snr = tuple(float(x) for x in snr_range.split(','))
-    except ValueError:
-        snr = ()
-    if len(snr) != 2 or snr[0] > snr[1]:
-        fail(f'--snr_range {snr_range}: expected "LOW,HIGH" in dB, e.g. 5,20.')
-    try:
-        audio = Audio(cache_dir=working_dir, audio_dir=audio_dir, sample_rate=sample_rate, workers=workers,
+        audio = Audio(WorkingDir.of(working_dir), audio_dir=audio_dir, sample_rate=sample_rate, workers=workers,
                       variants=augmentations(speed_perturb, noises, snr))
     except OSError as e:
         fail(os_error_message(e))
@@ -117,12 +137,8 @@ def build_mfcc_cache(working_dir, audio_dir, sample_rate, workers, speed_perturb
 def build_keras_inputs(working_dir, counts_per_speaker, seed):
     """Samples fixed-length crops per speaker into WORKING_DIR/keras-inputs (kx/ky train/test .npy)."""
     from batcher import KerasFormatConverter
-    try:
-        counts = tuple(int(c) for c in counts_per_speaker.split(','))
-    except ValueError:
-        counts = ()
-    if len(counts) != 2 or min(counts) < 2:
-        fail(f'--counts_per_speaker {counts_per_speaker}: expected two integers >= 2, e.g. 600,100.')
+    counts = tuple(comma_list(counts_per_speaker, '--counts_per_speaker', 'two integers >= 2, e.g. 600,100', int,
+                              lambda values: len(values) == 2 and min(values) >= 2))
     try:
         KerasFormatConverter(working_dir).generate(NUM_FRAMES, counts, seed)
     except OSError as e:
@@ -133,10 +149,10 @@ def build_keras_inputs(working_dir, counts_per_speaker, seed):
 @working_dir_option
 @click.option('--pre_training_phase/--no_pre_training_phase', default=False, show_default=True,
               help='Softmax pre-training, or triplet training (initialised from the best softmax checkpoint).')
-@click.option('--epochs', default=1000, show_default=True, type=click.IntRange(min=1),
+@click.option('--epochs', default=DEFAULT_EPOCHS, show_default=True, type=click.IntRange(min=1),
               help='Total epochs of the phase; a resumed run trains up to this number.')
 @click.option('--steps_per_epoch', default=None, type=click.IntRange(min=1),
-              help='Batches per epoch [default: softmax one pass over kx_train, triplet 100].')
+              help=f'Batches per epoch [default: softmax one pass over kx_train, triplet {TRIPLET_STEPS_PER_EPOCH}].')
 @click.option('--batch_size', default=BATCH_SIZE, show_default=True, type=click.IntRange(min=3))
 @click.option('--learning_rate', default=None, type=click.FloatRange(min=0, min_open=True),
               help=f'Learning rate: Adam in the softmax phase [default: {SOFTMAX_LEARNING_RATE:g}], SGD in the '
@@ -164,17 +180,15 @@ def train_model(working_dir, pre_training_phase, epochs, steps_per_epoch, batch_
     options = tdnn_options(tdnn_layers, dropout, bn_before_relu)
     if options and model != 'tdnn':
         fail(f'--tdnn_layers, --dropout and --bn_before_relu are options of --model tdnn, not --model {model}.')
-    from conv_models import CheckpointError
-    from train import train_softmax, train_triplet
+    from checkpoints import CheckpointError
+    from train import TrainConfig, train_softmax, train_triplet
+    config = TrainConfig(working_dir, epochs, steps_per_epoch, width, batch_size, seed, model, learning_rate, options,
+                         triplet_mining, history_size, refresh_every)
     try:
-        if pre_training_phase:
-            best = train_softmax(working_dir, epochs, steps_per_epoch, width, batch_size, seed, model,
-                                 learning_rate or SOFTMAX_LEARNING_RATE, options)
-        else:
-            best = train_triplet(working_dir, epochs, steps_per_epoch or 100, width, batch_size, seed,
-                                 learning_rate or TRIPLET_LEARNING_RATE, triplet_mining, history_size, refresh_every,
-                                 model, options)
-    except (FileNotFoundError, CheckpointError) as e:
+        best = (train_softmax if pre_training_phase else train_triplet)(config)
+    except FileNotFoundError as e:
+        fail(os_error_message(e))
+    except CheckpointError as e:
         fail(str(e))
     logger.info('Best checkpoint: %s', best)
 
@@ -183,14 +197,10 @@ def tdnn_options(tdnn_layers: str | None, dropout: float, bn_before_relu: bool) 
     """The TdnnModel constructor options given on the command line (only those that differ from the defaults)."""
     options = {}
     if tdnn_layers is not None:
-        try:
-            layers = tuple(tuple(int(n) for n in layer.split(':')) for layer in tdnn_layers.split(','))
-        except ValueError:
-            layers = ()
-        if not layers or any(len(layer) != 3 or min(layer) < 1 for layer in layers):
-            fail(f'--tdnn_layers {tdnn_layers}: expected UNITS:KERNEL:DILATION,... of positive integers, e.g. '
-                 f'512:5:1,512:3:2,1500:1:1.')
-        options['frame_layers'] = layers
+        layers = comma_list(tdnn_layers, '--tdnn_layers', 'UNITS:KERNEL:DILATION,... of positive integers, e.g. '
+                            '512:5:1,512:3:2,1500:1:1', lambda layer: tuple(int(n) for n in layer.split(':')),
+                            lambda layers: all(len(layer) == 3 and min(layer) >= 1 for layer in layers))
+        options['frame_layers'] = tuple(layers)
     if dropout:
         options['dropout'] = dropout
     if bn_before_relu:
@@ -208,11 +218,10 @@ def tdnn_options(tdnn_layers: str | None, dropout: float, bn_before_relu: bool) 
 @seed_option
 def test_model(working_dir, checkpoint_file, model, width, seed):
     """Anchor / positive / 99 negatives evaluation on the held-out audio of the cached speakers."""
-    from conv_models import MODELS, CheckpointError, build_model
+    from checkpoints import CheckpointError, build_model
+    from conv_models import MODELS
     from test import eval_model
-    from train import best_checkpoint
-    checkpoint_file = checkpoint_file or str(best_checkpoint(Path(working_dir) / CHECKPOINTS_TRIPLET_DIR,
-                                                             MODELS[model].name))
+    checkpoint_file = checkpoint_file or str(WorkingDir.of(working_dir).best_checkpoint('triplet', MODELS[model].name))
     try:
         fm, tpr, acc, eer = eval_model(working_dir, build_model(checkpoint_file, model, width), seed)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
@@ -242,45 +251,21 @@ def eval_trials(trials_file, audio_root, checkpoint_files, model, width, fusion,
                 det_plot):
     """EER and minDCF of one checkpoint, or of a fusion of several, on a trial list; each utterance is embedded
     once per model, deterministically."""
-    from audio import AudioError
-    from conv_models import CheckpointError, build_model
-    from eval_metrics import equal_error_rate, min_dcf, plot_det
-    from test import (
-        TrialError,
-        concatenated_embeddings,
-        embed_utterances,
-        fused_scores,
-        read_trials,
-        score_trials,
-        write_scores,
-    )
+    from checkpoints import CheckpointError
+    from features import AudioError
+    from test import TrialError, evaluate_trials
+    weights = None
+    if fusion_weights:
+        count = len(checkpoint_files)
+        weights = comma_list(fusion_weights, '--fusion_weights', f'{count} non-negative numbers, one per '
+                             f'--checkpoint_file', float,
+                             lambda values: len(values) == count and min(values) >= 0 and sum(values) > 0)
     try:
-        weights = [float(w) for w in fusion_weights.split(',')] if fusion_weights else [1.0] * len(checkpoint_files)
-    except ValueError:
-        weights = []
-    if len(weights) != len(checkpoint_files) or min(weights) < 0 or sum(weights) <= 0:
-        fail(f'--fusion_weights {fusion_weights}: expected {len(checkpoint_files)} non-negative numbers, one per '
-             f'--checkpoint_file.')
-    try:
-        trials = read_trials(trials_file, audio_root)
-        if len(set(trials.labels.tolist())) < 2:
-            fail(f'{trials_file}: needs both target (1) and non-target (0) trials.')
-        embeddings = [embed_utterances(build_model(path, model, width), trials.files, crop)
-                      for path in checkpoint_files]
+        result = evaluate_trials(trials_file, audio_root, list(checkpoint_files), model, width, fusion, weights, crop,
+                                 scores_file, det_plot)
     except (TrialError, CheckpointError, AudioError) as e:
         fail(str(e))
-    if fusion == 'concat':
-        scores = score_trials(concatenated_embeddings(embeddings, weights), trials)
-    else:
-        scores = fused_scores([score_trials(e, trials) for e in embeddings], weights)
-    scores_file = scores_file or f'{Path(trials_file).stem}.scores.csv'
-    write_scores(scores_file, trials, scores, audio_root)
-    if det_plot:
-        plot_det(scores, trials.labels, det_plot, title=' + '.join(Path(p).name for p in checkpoint_files))
-    eer, dcf = equal_error_rate(scores, trials.labels), min_dcf(scores, trials.labels, DCF_P_TARGET)
-    logger.info('%d target and %d non-target trials over %d utterances; scores in %s.', trials.labels.sum(),
-                (trials.labels == 0).sum(), len(trials.files), scores_file)
-    click.echo(f'EER = {100 * eer:.2f} %, minDCF(p_target={DCF_P_TARGET}) = {dcf:.4f}')
+    click.echo(f'EER = {100 * result.equal_error_rate:.2f} %, minDCF(p_target={DCF_P_TARGET}) = {result.min_dcf:.4f}')
 
 
 if __name__ == '__main__':

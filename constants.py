@@ -1,4 +1,8 @@
-"""Every constant of deep-speaker in one place: audio, features, model, training, evaluation, paths."""
+"""Every constant of deep-speaker in one place: audio, features, model, training, evaluation, paths.
+
+"mfcc" in names (read_mfcc, build-mfcc-cache, sample_from_mfcc) means the normalised 64-filter fbank features:
+the names are the original implementation's, kept for its users. Imports nothing of deep-speaker.
+"""
 
 import os
 
@@ -50,6 +54,11 @@ EARLY_STOPPING_PATIENCE = 20
 REDUCE_LR_PATIENCE = 10
 REDUCE_LR_FACTOR = 0.5
 MIN_LEARNING_RATE = 1e-5
+EARLY_STOPPING_MIN_DELTA = 0.001  # smaller changes of the monitored value are not improvements.
+DEFAULT_EPOCHS = 1000  # total epochs of a phase: early stopping ends it first.
+TRIPLET_STEPS_PER_EPOCH = 100  # batches per triplet epoch (a softmax epoch is one pass over kx_train).
+TRIPLET_PREFETCH_BATCHES = 2  # triplet batches built ahead of the training step.
+MINING_REFRESH_CHUNK = 512  # history crops embedded per forward pass in a mining refresh.
 
 # Evaluation (original protocol).
 NUM_NEGATIVE_SPEAKERS = 99
@@ -57,6 +66,7 @@ EVAL_THRESHOLD_STEP = 0.001
 
 # Evaluation on trial lists.
 WINDOW_HOP = 80  # frames between two windows of a whole-utterance embedding (50 % overlap).
+PREDICT_BATCH_SIZE = 64  # crops per forward pass at inference.
 EMBEDDING_FILES_PER_CHUNK = 32  # utterances whose windows go through one predict call.
 DCF_P_TARGET = 0.01
 

@@ -1,18 +1,16 @@
-"""Deep Speaker's ResCNN (Li et al. 2017) in Keras 3, with the original implementation's layer names, and
-checkpoint loading by layer name from `.keras`, `.weights.h5` and Keras-2 `.h5` files."""
+"""The models: Deep Speaker's ResCNN (Li et al. 2017, with the original implementation's layer names), the
+x-vector TDNN and the GRU in Keras 3, their layers (the in-graph fbank front end, frame mask, statistics pooling)
+and the MODELS registry.
 
-import json
-import logging
-import os
-import zipfile
+Imports features and constants only. The checkpoint functions moved to checkpoints.py; CheckpointError,
+load_checkpoint, checkpoint_architecture and build_model stay importable from here for the original's users.
+"""
 
-import h5py
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import layers, regularizers
 
-from audio import frame_length, frame_step, mel_matrix
 from constants import (
     CLIPPED_RELU_MAX,
     EMBEDDING_SIZE,
@@ -30,19 +28,26 @@ from constants import (
     STATS_POOLING_EPSILON,
     TDNN_FRAME_LAYERS,
 )
+from features import frame_length, frame_step, mel_matrix
 
-logger = logging.getLogger(__name__)
+CHECKPOINT_NAMES = ('CheckpointError', 'load_checkpoint', 'checkpoint_architecture', 'build_model',
+                    'copy_weights_by_name', 'legacy_h5_layer_names', 'weighted_layer_names')
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not exist or does not fit the model; the message names the file and the fix."""
+def __getattr__(name: str):
+    """`from conv_models import build_model` (and the other CHECKPOINT_NAMES) as in the original layout; read
+    from checkpoints.py on first use, which imports this module."""
+    if name in CHECKPOINT_NAMES:
+        import checkpoints
+        return getattr(checkpoints, name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 @keras.saving.register_keras_serializable(package='deep_speaker')
 class PcmToFbank(layers.Layer):
-    """Raw 16 kHz audio (batch, samples) to audio.py's normalised fbank (batch, frames, NUM_FBANKS, 1), in-graph.
+    """Raw 16 kHz audio (batch, samples) to features.py's normalised fbank (batch, frames, NUM_FBANKS, 1), in-graph.
 
-    Expects audio whose silence is already trimmed (audio.trim_silence), at least one 25 ms frame long.
+    Expects audio whose silence is already trimmed (features.trim_silence), at least one 25 ms frame long.
     """
 
     def __init__(self, sample_rate: int = SAMPLE_RATE, **kwargs):
@@ -131,9 +136,6 @@ class SpeakerModel:
         else:
             x = layers.UnitNormalization(axis=1, name='ln')(x)
         self.m = keras.Model(inputs, x, name=self.name)
-
-    def keras_model(self) -> keras.Model:
-        return self.m
 
     def get_weights(self) -> list[np.ndarray]:
         """The model's weights without the softmax head's kernel and bias."""
@@ -270,84 +272,3 @@ class GruModel(SpeakerModel):
 
 
 MODELS: dict[str, type[SpeakerModel]] = {'rescnn': DeepSpeakerModel, 'tdnn': TdnnModel, 'gru': GruModel}
-
-
-def weighted_layer_names(model: keras.Model) -> list[str]:
-    """Names of the model's layers that own weights."""
-    return [layer.name for layer in model.layers if layer.weights]
-
-
-def legacy_h5_layer_names(path: str) -> set[str]:
-    """Layers that hold weights in a Keras-2 HDF5 file (weights-only or full-model save)."""
-    with h5py.File(path, 'r') as f:
-        group = f['model_weights'] if 'layer_names' not in f.attrs and 'model_weights' in f else f
-        if 'layer_names' not in group.attrs:
-            raise CheckpointError(f'{path}: not a Keras-2 HDF5 file (no layer_names); a Keras 3 weights file must '
-                                  f'end in .weights.h5.')
-        names = [n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs['layer_names']]
-        return {n for n in names if len(group[n].attrs.get('weight_names', [])) > 0}
-
-
-def copy_weights_by_name(source: keras.Model, target: keras.Model) -> None:
-    """Sets each weighted layer of `target` from the layer of the same name in `source`, where there is one."""
-    source_layers = {layer.name: layer for layer in source.layers}
-    for name in weighted_layer_names(target):
-        if name in source_layers:
-            target.get_layer(name).set_weights(source_layers[name].get_weights())
-
-
-def checkpoint_architecture(path: str, model: str = 'rescnn', width: float | None = None) -> tuple[str, dict]:
-    """The model name and constructor options (width; a TDNN's frame layers and BN order) of a .keras checkpoint,
-    read from its config; (model, {'width': width or 1.0}) for other files, whose architecture must be given."""
-    if not (path.endswith('.keras') and os.path.isfile(path)):
-        return model, {'width': width or 1.0}
-    with zipfile.ZipFile(path) as archive:
-        config = json.loads(archive.read('config.json'))
-    name = next(key for key, cls in MODELS.items() if cls.name == config['config']['name'])
-    return name, MODELS[name].options_from_config({entry['name']: entry['config']
-                                                    for entry in config['config']['layers']})
-
-
-def build_model(path: str, model: str = 'rescnn', width: float | None = None, **kwargs) -> SpeakerModel:
-    """The embedding model a checkpoint was trained as (read from a .keras file), with its weights loaded."""
-    name, options = checkpoint_architecture(path, model, width)
-    speaker_model = MODELS[name](**options, **kwargs)
-    load_checkpoint(speaker_model.m, path)
-    return speaker_model
-
-
-def load_checkpoint(model: keras.Model, path: str) -> list[str]:
-    """Loads weights into `model` by layer name; returns the weighted layers the checkpoint had nothing for.
-
-    `.keras` (full model, ours), `.weights.h5` (Keras 3 weights, same architecture) and Keras-2 `.h5`
-    (the published ResCNN checkpoints) are accepted. Raises CheckpointError when no layer gets weights or
-    a layer's shapes differ (another model, width or number of speakers).
-    """
-    if not os.path.isfile(path):
-        raise CheckpointError(f'{path}: no such checkpoint file; train a model first or fix the path.')
-    expected = weighted_layer_names(model)
-    try:
-        if path.endswith('.keras'):
-            source = keras.saving.load_model(path, compile=False)
-            copy_weights_by_name(source, model)
-            present = set(weighted_layer_names(source))
-        elif path.endswith('.weights.h5'):
-            model.load_weights(path)
-            present = set(expected)
-        elif path.endswith(('.h5', '.hdf5')):
-            present = legacy_h5_layer_names(path)
-            model.load_weights(path, by_name=True)
-        else:
-            raise CheckpointError(f'{path}: unknown checkpoint format; expected .keras, .weights.h5 or .h5.')
-    except (ValueError, KeyError, OSError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        message = str(e).splitlines()[0]
-        raise CheckpointError(f'{path}: does not fit this model ({message}); check --model, --width and the '
-                              f'number of speakers it was trained on.') from None
-    missing = [name for name in expected if name not in present]
-    if len(missing) == len(expected):
-        raise CheckpointError(f'{path}: none of the model\'s layers is in this checkpoint; check --model.')
-    if missing:
-        logger.warning('%s: no weights for layers %s; they keep their initial values.', path, ', '.join(missing))
-    return missing

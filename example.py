@@ -10,10 +10,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's C++ info logs
 import click  # noqa: E402
 import numpy as np  # noqa: E402
 
-from audio import read_mfcc  # noqa: E402
-from batcher import sample_from_mfcc  # noqa: E402
-from constants import NUM_FRAMES, SAMPLE_RATE  # noqa: E402
-from conv_models import CheckpointError, build_model  # noqa: E402
+from checkpoints import CheckpointError  # noqa: E402
+from embedding import Embedder  # noqa: E402
 from test import batch_cosine_similarity  # noqa: E402
 
 SAMPLES = ['samples/PhilippeRemy/PhilippeRemy_001.wav', 'samples/PhilippeRemy/PhilippeRemy_002.wav',
@@ -29,11 +27,10 @@ def main(checkpoint, width):
     """Cosine similarity of PhilippeRemy_001 with the three other PhilippeRemy files (same speaker) and with a
     LibriSpeech speaker (different speaker)."""
     try:
-        model = build_model(checkpoint, width=width)
+        embedder = Embedder.from_checkpoint(checkpoint, width=width, crop=True)
     except CheckpointError as e:
         raise click.ClickException(str(e)) from None
-    crops = np.stack([sample_from_mfcc(read_mfcc(path, SAMPLE_RATE), NUM_FRAMES) for path in SAMPLES])
-    embeddings = model.m.predict(crops, verbose=0)
+    embeddings = embedder.embed_files(SAMPLES)  # the centre crop of each file.
     similarities = batch_cosine_similarity(np.repeat(embeddings[:1], len(SAMPLES) - 1, axis=0), embeddings[1:])
     for path, similarity in zip(SAMPLES[1:], similarities, strict=True):
         kind = 'SAME SPEAKER' if 'PhilippeRemy' in path else 'DIFF SPEAKER'

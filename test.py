@@ -1,19 +1,24 @@
 """Evaluation: the original Deep Speaker protocol (for each cached speaker an anchor, one positive and up to 99
-negatives, on the held-out part of its audio) and VoxCeleb-style trial lists on unseen speakers, with
-deterministic whole-utterance embeddings."""
+negatives, on the held-out part of its audio) and VoxCeleb-style trial lists on unseen speakers (evaluate_trials:
+embeddings of one or several checkpoints, fusion, scores CSV, DET plot, EER and minDCF), with deterministic
+whole-utterance embeddings from embedding.py.
+
+Imports embedding, checkpoints, audio (the cache index), batcher, conv_models, eval_metrics and constants."""
 
 import logging
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from tqdm import tqdm
 
-from audio import Audio, read_mfcc
+from audio import Audio
 from batcher import Source, load_source, sample_from_mfcc, train_test_sources
-from constants import AUGMENTED_MARK, EMBEDDING_FILES_PER_CHUNK, NUM_FRAMES, NUM_NEGATIVE_SPEAKERS, WINDOW_HOP
+from constants import AUGMENTED_MARK, DCF_P_TARGET, NUM_FRAMES, NUM_NEGATIVE_SPEAKERS
 from conv_models import SpeakerModel
-from eval_metrics import Metrics, evaluate
+from embedding import Embedder, embed_crops
+from embedding import embed_utterances as embed_utterances
+from embedding import utterance_windows as utterance_windows
+from eval_metrics import Metrics, equal_error_rate, evaluate, min_dcf, plot_det
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +56,7 @@ def eval_model(working_dir: str, model: SpeakerModel, seed: int = 0,
              for s in speakers}
     pairs = [anchor_and_positive(train_test_sources(clean[s])[1], rng) for s in speakers]
     crops = np.stack([sample_from_mfcc(load_source(source), NUM_FRAMES, rng) for pair in pairs for source in pair])
-    embeddings = model.m.predict(crops, batch_size=64, verbose=0)
+    embeddings = embed_crops(model.m, crops)
     anchors, positives = embeddings[0::2], embeddings[1::2]
     sims = anchors @ positives.T
     num_speakers = len(speakers)
@@ -110,30 +115,6 @@ def read_trials(trials_file: str, audio_root: str) -> Trials:
     return Trials(np.array(labels), np.array(enrol), np.array(test), list(index))
 
 
-def utterance_windows(mfcc: np.ndarray, crop: bool) -> np.ndarray:
-    """Fixed-length windows of one utterance's features: the centre crop, or windows of NUM_FRAMES frames every
-    WINDOW_HOP frames, the last one ending at the last frame (a short utterance is zero-padded).
-    Returns float32 (windows, NUM_FRAMES, 64, 1)."""
-    if crop or len(mfcc) <= NUM_FRAMES:
-        return sample_from_mfcc(mfcc, NUM_FRAMES)[np.newaxis]
-    last = len(mfcc) - NUM_FRAMES
-    starts = np.unique(np.minimum(np.arange(0, last + WINDOW_HOP, WINDOW_HOP), last))
-    return np.stack([mfcc[start:start + NUM_FRAMES] for start in starts]).astype(np.float32)[..., np.newaxis]
-
-
-def embed_utterances(model: SpeakerModel, files: list[Path], crop: bool = False) -> np.ndarray:
-    """Deterministic embeddings of whole files: the mean of the window embeddings, re-normalised (or the centre
-    crop's embedding with `crop`). Returns float32 (files, 512)."""
-    embeddings = []
-    for start in tqdm(range(0, len(files), EMBEDDING_FILES_PER_CHUNK), desc='Embedding utterances', unit='chunk'):
-        windows = [utterance_windows(read_mfcc(str(f)), crop) for f in files[start:start + EMBEDDING_FILES_PER_CHUNK]]
-        window_embeddings = model.m.predict(np.concatenate(windows), batch_size=64, verbose=0)
-        offsets = np.cumsum([0] + [len(w) for w in windows[:-1]])
-        means = np.add.reduceat(window_embeddings, offsets, axis=0)
-        embeddings.append(means / np.linalg.norm(means, axis=1, keepdims=True))
-    return np.concatenate(embeddings).astype(np.float32)
-
-
 def score_trials(embeddings: np.ndarray, trials: Trials) -> np.ndarray:
     """Cosine similarity of each trial's two embeddings: shape (trials,)."""
     return batch_cosine_similarity(embeddings[trials.enrol], embeddings[trials.test])
@@ -157,3 +138,41 @@ def concatenated_embeddings(embeddings: list[np.ndarray], weights: list[float]) 
     cosine of two fused embeddings is then the weighted mean of the systems' cosines. Shape (files, sum dims)."""
     fused = np.concatenate([np.sqrt(w) * e for e, w in zip(embeddings, weights, strict=True)], axis=1)
     return fused / np.linalg.norm(fused, axis=1, keepdims=True)
+
+
+class TrialsResult(NamedTuple):
+    """What evaluate_trials measured: EER (fraction), minDCF at DCF_P_TARGET, and where the scores went."""
+    equal_error_rate: float
+    min_dcf: float
+    scores_file: str
+    num_target: int
+    num_nontarget: int
+    num_files: int
+
+
+def evaluate_trials(trials_file: str, audio_root: str, checkpoint_files: list[str], model: str = 'rescnn',
+                    width: float | None = None, fusion: str = 'score', weights: list[float] | None = None,
+                    crop: bool = False, scores_file: str | None = None, det_plot: str | None = None) -> TrialsResult:
+    """EER and minDCF of one checkpoint, or of a fusion ('score': weighted mean of cosine scores, 'concat': cosine
+    of the concatenated embeddings) of several, on a trial list; each utterance is embedded once per model.
+    Writes the scores CSV (default: TRIALS_STEM.scores.csv in the current directory) and, if asked, the DET plot.
+    TrialError, CheckpointError or AudioError before anything is written."""
+    weights = weights or [1.0] * len(checkpoint_files)
+    trials = read_trials(trials_file, audio_root)
+    if len(set(trials.labels.tolist())) < 2:
+        raise TrialError(f'{trials_file}: needs both target (1) and non-target (0) trials.')
+    embeddings = [Embedder.from_checkpoint(path, model, width, crop).embed_files(trials.files)
+                  for path in checkpoint_files]
+    if fusion == 'concat':
+        scores = score_trials(concatenated_embeddings(embeddings, weights), trials)
+    else:
+        scores = fused_scores([score_trials(e, trials) for e in embeddings], weights)
+    scores_file = scores_file or f'{Path(trials_file).stem}.scores.csv'
+    write_scores(scores_file, trials, scores, audio_root)
+    if det_plot:
+        plot_det(scores, trials.labels, det_plot, title=' + '.join(Path(p).name for p in checkpoint_files))
+    result = TrialsResult(equal_error_rate(scores, trials.labels), min_dcf(scores, trials.labels, DCF_P_TARGET),
+                          scores_file, int(trials.labels.sum()), int((trials.labels == 0).sum()), len(trials.files))
+    logger.info('%d target and %d non-target trials over %d utterances; scores in %s.', result.num_target,
+                result.num_nontarget, result.num_files, scores_file)
+    return result

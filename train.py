@@ -1,31 +1,32 @@
-"""The two training phases: softmax pre-training and triplet training, streamed with tf.data from the
-memory-mapped model inputs, checkpointed atomically and resumed from the last finished epoch."""
+"""The two training phases: softmax pre-training and triplet training (TrainConfig carries their settings),
+streamed with tf.data from the memory-mapped model inputs, checkpointed atomically and resumed from the last
+finished epoch; the mining history is re-embedded with embedding.embed_crops.
 
-import json
+Imports checkpoints, embedding, batcher, conv_models, triplet_loss, workdir and constants."""
+
 import logging
 import math
-import os
 import time
-import uuid
-import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from audio import remove_orphan_temp_files
 from batcher import HardNegativeMiner, KerasFormatConverter, TripletBatcher, random_triplets
+from checkpoints import AtomicCheckpoint, CheckpointError, build_model, resumed_or_new
 from constants import (
     BATCH_SIZE,
-    CHECKPOINT_STATE_ENTRY,
-    CHECKPOINTS_SOFTMAX_DIR,
-    CHECKPOINTS_TRIPLET_DIR,
+    DEFAULT_EPOCHS,
+    DEFAULT_SEED,
     DEFAULT_TRIPLET_MINING,
+    DEFAULT_WORKING_DIR,
+    EARLY_STOPPING_MIN_DELTA,
     EARLY_STOPPING_PATIENCE,
-    LOGS_SUBDIR,
     MIN_LEARNING_RATE,
     MINING_HISTORY_SIZE,
+    MINING_REFRESH_CHUNK,
     MINING_REFRESH_EVERY,
     NUM_FBANKS,
     NUM_FRAMES,
@@ -34,72 +35,18 @@ from constants import (
     SOFTMAX_LEARNING_RATE,
     TRIPLET_LEARNING_RATE,
     TRIPLET_MOMENTUM,
+    TRIPLET_PREFETCH_BATCHES,
+    TRIPLET_STEPS_PER_EPOCH,
     TRIPLET_VALIDATION_BATCHES,
 )
-from conv_models import MODELS, CheckpointError, build_model
+from conv_models import MODELS
+from embedding import embed_crops
 from triplet_loss import deep_speaker_loss
+from workdir import WorkingDir, best_checkpoint, last_checkpoint
 
 logger = logging.getLogger(__name__)
 
 CROP_SPEC = tf.TensorSpec((None, NUM_FRAMES, NUM_FBANKS, 1), tf.float32)
-
-
-class AtomicCheckpoint(keras.callbacks.Callback):
-    """After each epoch saves `<name>_last.keras` (model and optimizer, for resuming) and, when `monitor`
-    improves, `<name>_best.keras`. The training state (epoch, best value, training seconds, and the counters of
-    the `counted` callbacks, e.g. ReduceLROnPlateau's epochs without improvement) goes inside `_last.keras`, so
-    the two never disagree, and into `<name>_state.json` for people and scripts. Place it after the `counted`
-    callbacks: it saves what their end of epoch changed and restores their counters after they reset them.
-    Writes go through a temporary file (`.<name>.<pid>-<random>.tmp.keras`) and a rename, so a killed write never
-    leaves a checkpoint that loads wrong; the temporary files of killed runs (their process is gone) are deleted
-    at the start."""
-
-    def __init__(self, directory: Path, name: str, monitor: str, mode: str, counted: tuple = ()):
-        super().__init__()
-        self.directory, self.name, self.monitor, self.mode, self.counted = directory, name, monitor, mode, counted
-        self.state = read_state(directory, name)
-        self.best, self.seconds = self.state.get('best'), self.state.get('seconds', 0.0)
-        self.epoch_start = time.perf_counter()
-        remove_orphan_temp_files(directory, f'.{name}.*.tmp.keras')
-
-    def improved(self, value: float) -> bool:
-        return self.best is None or (value > self.best if self.mode == 'max' else value < self.best)
-
-    def save(self, filename: str, state: dict | None = None) -> None:
-        tmp = self.directory / f'.{self.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp.keras'
-        try:
-            self.model.save(tmp)
-            if state is not None:
-                with zipfile.ZipFile(tmp, 'a') as archive:
-                    archive.writestr(CHECKPOINT_STATE_ENTRY, json.dumps(state))
-            os.replace(tmp, self.directory / filename)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def counters(self) -> dict:
-        return {type(c).__name__: {'wait': int(c.wait), 'best': float(c.best)} for c in self.counted}
-
-    def on_train_begin(self, logs=None):
-        for callback in self.counted:
-            for attribute, value in self.state.get('counters', {}).get(type(callback).__name__, {}).items():
-                setattr(callback, attribute, value)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch_start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds += time.perf_counter() - self.epoch_start
-        value = float((logs or {}).get(self.monitor, np.nan))
-        if not np.isnan(value) and self.improved(value):
-            self.best = value
-            self.save(f'{self.name}_best.keras')
-            logger.info('Epoch %d: %s = %.4f, new best checkpoint.', epoch + 1, self.monitor, value)
-        self.state = {'epoch': epoch + 1, 'best': self.best, 'monitor': self.monitor,
-                      'seconds': round(self.seconds, 1), 'counters': self.counters()}
-        self.save(f'{self.name}_last.keras', self.state)
-        tmp = self.directory / f'.{self.name}_state.json.tmp'
-        tmp.write_text(json.dumps(self.state))
-        os.replace(tmp, self.directory / f'{self.name}_state.json')
 
 
 class MiningRefresh(keras.callbacks.Callback):
@@ -112,7 +59,7 @@ class MiningRefresh(keras.callbacks.Callback):
         self.step, self.refresh_seconds = 0, []
 
     def embed(self, crops: np.ndarray) -> np.ndarray:
-        return keras.ops.convert_to_numpy(self.model(crops, training=False))
+        return embed_crops(self.model, crops, MINING_REFRESH_CHUNK)
 
     def on_train_batch_begin(self, batch, logs=None):
         if self.step % self.every == 0:
@@ -128,24 +75,6 @@ class MiningRefresh(keras.callbacks.Callback):
                     len(self.refresh_seconds), len(self.miner.history[0]), np.mean(self.refresh_seconds or [0]))
         selection.clear()
         self.refresh_seconds.clear()
-
-
-def read_state(directory: Path, name: str) -> dict:
-    """The phase's progress ({'epoch': finished epochs, 'best': best monitored value, 'seconds': wall time of
-    the epochs, validation included, 'counters': see AtomicCheckpoint}), {} before the first epoch. Read from
-    `<name>_last.keras` when it holds it (it is the checkpoint a resume loads), else from `<name>_state.json`."""
-    last = directory / f'{name}_last.keras'
-    if last.exists():
-        with zipfile.ZipFile(last) as archive:
-            if CHECKPOINT_STATE_ENTRY in archive.namelist():
-                return json.loads(archive.read(CHECKPOINT_STATE_ENTRY))
-    path = directory / f'{name}_state.json'
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def best_checkpoint(directory: Path, name: str = 'ResCNN') -> Path:
-    """Path of a phase's best checkpoint (it may not exist yet)."""
-    return directory / f'{name}_best.keras'
 
 
 def softmax_dataset(kx: np.ndarray, ky: np.ndarray, batch_size: int, seed: int | None) -> tf.data.Dataset:
@@ -170,27 +99,18 @@ def triplet_dataset(batcher: TripletBatcher, batch_size: int) -> tf.data.Dataset
             yield batcher.get_batch(batch_size)
 
     signature = (CROP_SPEC, tf.TensorSpec((None,), tf.float32))
-    return tf.data.Dataset.from_generator(batches, output_signature=signature).prefetch(2)
+    return tf.data.Dataset.from_generator(batches, output_signature=signature).prefetch(TRIPLET_PREFETCH_BATCHES)
 
 
 def phase_callbacks(directory: Path, working_dir: Path, name: str, phase: str, monitor: str, mode: str) -> list:
+    """Learning-rate schedule, early stopping, atomic checkpoints, the CSV history and TensorBoard logs."""
     schedules = (keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=REDUCE_LR_FACTOR,
                                                    patience=REDUCE_LR_PATIENCE, min_lr=MIN_LEARNING_RATE),
-                 keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, min_delta=0.001,
+                 keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, min_delta=EARLY_STOPPING_MIN_DELTA,
                                                patience=EARLY_STOPPING_PATIENCE))
     return [*schedules, AtomicCheckpoint(directory, name, monitor, mode, counted=schedules),
             keras.callbacks.CSVLogger(str(directory / 'history.csv'), append=True),
-            keras.callbacks.TensorBoard(log_dir=str(working_dir / LOGS_SUBDIR / phase))]
-
-
-def resumed_or_new(directory: Path, name: str, new_model) -> tuple[keras.Model, int]:
-    """The phase's last checkpoint with its optimizer state and finished epochs, or `new_model()` and 0."""
-    last = directory / f'{name}_last.keras'
-    epoch = read_state(directory, name).get('epoch', 0)
-    if last.exists() and epoch > 0:
-        logger.info('Resuming from %s after epoch %d.', last, epoch)
-        return keras.saving.load_model(last, custom_objects={'deep_speaker_loss': deep_speaker_loss}), epoch
-    return new_model(), 0
+            keras.callbacks.TensorBoard(log_dir=str(WorkingDir.of(working_dir).logs_dir(phase)))]
 
 
 def fit(model: keras.Model, initial_epoch: int, epochs: int, train, validation, steps_per_epoch: int,
@@ -203,91 +123,105 @@ def fit(model: keras.Model, initial_epoch: int, epochs: int, train, validation, 
               steps_per_epoch=steps_per_epoch, callbacks=callbacks, shuffle=False, verbose=2)
 
 
-def phase_inputs(working_dir: str, checkpoints_subdir: str, seed: int) -> tuple[Path, KerasFormatConverter, Path]:
+@dataclass(frozen=True)
+class TrainConfig:
+    """The settings of a training phase, from the command line (defaults: constants.py)."""
+    working_dir: str = DEFAULT_WORKING_DIR
+    epochs: int = DEFAULT_EPOCHS  # total epochs of the phase; a resumed run trains up to this number.
+    steps_per_epoch: int | None = None  # None: one pass over kx_train (softmax), TRIPLET_STEPS_PER_EPOCH (triplet).
+    width: float = 1.0
+    batch_size: int = BATCH_SIZE
+    seed: int = DEFAULT_SEED
+    model_name: str = 'rescnn'  # a key of conv_models.MODELS.
+    learning_rate: float | None = None  # None: SOFTMAX_LEARNING_RATE or TRIPLET_LEARNING_RATE.
+    model_options: dict = field(default_factory=dict)  # constructor options, e.g. a TDNN's frame_layers.
+    mining: str = DEFAULT_TRIPLET_MINING  # triplet phase: 'hard', 'semihard' or 'random'.
+    history_size: int = MINING_HISTORY_SIZE
+    refresh_every: int = MINING_REFRESH_EVERY
+
+
+def phase_inputs(config: TrainConfig, phase: str) -> tuple[WorkingDir, KerasFormatConverter, Path]:
     """Seeds every generator, and returns the working dir, its model inputs and the phase's checkpoint dir."""
-    keras.utils.set_random_seed(seed)
-    working_dir = Path(working_dir).expanduser()
-    directory = working_dir / checkpoints_subdir
-    converter = KerasFormatConverter(str(working_dir))
+    keras.utils.set_random_seed(config.seed)
+    working_dir = WorkingDir.of(config.working_dir)
+    directory = working_dir.checkpoints_dir(phase)
+    converter = KerasFormatConverter(working_dir)
     directory.mkdir(parents=True, exist_ok=True)
     return working_dir, converter, directory
 
 
-def train_softmax(working_dir: str, epochs: int, steps_per_epoch: int | None = None, width: float = 1.0,
-                  batch_size: int = BATCH_SIZE, seed: int = 0, model_name: str = 'rescnn',
-                  learning_rate: float = SOFTMAX_LEARNING_RATE, model_options: dict | None = None) -> Path:
-    """Softmax pre-training (Adam) of the model `model_name` (a key of conv_models.MODELS, built with
-    `model_options` such as a TDNN's frame_layers) on kx_train, validated on kx_test; returns the best
-    checkpoint's path. A resumed run keeps the architecture and learning rate of its checkpoint."""
-    working_dir, converter, directory = phase_inputs(working_dir, CHECKPOINTS_SOFTMAX_DIR, seed)
+def train_softmax(config: TrainConfig) -> Path:
+    """Softmax pre-training (Adam) of the model `config.model_name` on kx_train, validated on kx_test; returns the
+    best checkpoint's path. A resumed run keeps the architecture and learning rate of its checkpoint."""
+    working_dir, converter, directory = phase_inputs(config, 'softmax')
     kx_train, ky_train = converter.load('train')
     kx_test, ky_test = converter.load('test')
+    num_speakers = converter.num_speakers
 
     def new_model():
-        dsm = MODELS[model_name](include_softmax=True, num_speakers_softmax=converter.num_speakers, width=width,
-                                 **(model_options or {}))
-        dsm.m.compile(optimizer=keras.optimizers.Adam(learning_rate),
+        dsm = MODELS[config.model_name](include_softmax=True, num_speakers_softmax=num_speakers, width=config.width,
+                                        **config.model_options)
+        dsm.m.compile(optimizer=keras.optimizers.Adam(config.learning_rate or SOFTMAX_LEARNING_RATE),
                       loss='sparse_categorical_crossentropy', metrics=['accuracy'])
         return dsm.m
 
-    name = MODELS[model_name].name
+    name = MODELS[config.model_name].name
     model, initial_epoch = resumed_or_new(directory, name, new_model)
-    if model.output_shape[-1] != converter.num_speakers:
-        raise CheckpointError(f'{directory / f"{name}_last.keras"}: trained on {model.output_shape[-1]} speakers, but '
-                              f'the model inputs have {converter.num_speakers}; delete {directory} or use another '
+    if model.output_shape[-1] != num_speakers:
+        raise CheckpointError(f'{last_checkpoint(directory, name)}: trained on {model.output_shape[-1]} speakers, '
+                              f'but the model inputs have {num_speakers}; delete {directory} or use another '
                               f'--working_dir.')
-    logger.info('Softmax phase: %d speakers, %d training crops, %s parameters.', converter.num_speakers,
+    logger.info('Softmax phase: %d speakers, %d training crops, %s parameters.', num_speakers,
                 len(kx_train), f'{model.count_params():,}')
-    steps = steps_per_epoch or math.ceil(len(kx_train) / batch_size)
-    fit(model, initial_epoch, epochs, softmax_dataset(kx_train, ky_train, batch_size, seed),
-        softmax_dataset(kx_test, ky_test, batch_size, None), steps,
-        phase_callbacks(directory, working_dir, name, 'softmax', 'val_accuracy', 'max'))
+    steps = config.steps_per_epoch or math.ceil(len(kx_train) / config.batch_size)
+    fit(model, initial_epoch, config.epochs, softmax_dataset(kx_train, ky_train, config.batch_size, config.seed),
+        softmax_dataset(kx_test, ky_test, config.batch_size, None), steps,
+        phase_callbacks(directory, working_dir.root, name, 'softmax', 'val_accuracy', 'max'))
     return best_checkpoint(directory, name)
 
 
-def train_triplet(working_dir: str, epochs: int, steps_per_epoch: int = 100, width: float = 1.0,
-                  batch_size: int = BATCH_SIZE, seed: int = 0, learning_rate: float = TRIPLET_LEARNING_RATE,
-                  mining: str = DEFAULT_TRIPLET_MINING, history_size: int = MINING_HISTORY_SIZE,
-                  refresh_every: int = MINING_REFRESH_EVERY, model_name: str = 'rescnn',
-                  model_options: dict | None = None) -> Path:
+def train_triplet(config: TrainConfig) -> Path:
     """Triplet training (SGD, deep_speaker_loss) started from the best softmax checkpoint when there is one, with
-    that checkpoint's architecture (else `width` and `model_options`); returns the best checkpoint's path (by
-    val_loss on fixed random triplets of kx_test).
+    that checkpoint's architecture (else `config.width` and `config.model_options`); returns the best checkpoint's
+    path (by val_loss on fixed random triplets of kx_test).
 
-    mining: 'random' triplets, or 'hard' / 'semihard' negatives mined from a history of `history_size` crops
-    re-embedded every `refresh_every` batches.
+    config.mining: 'random' triplets, or 'hard' / 'semihard' negatives mined from a history of
+    `config.history_size` crops re-embedded every `config.refresh_every` batches.
     """
-    working_dir, converter, directory = phase_inputs(working_dir, CHECKPOINTS_TRIPLET_DIR, seed)
+    working_dir, converter, directory = phase_inputs(config, 'triplet')
     kx_train, ky_train = converter.load('train')
     kx_test, ky_test = converter.load('test')
-    name = MODELS[model_name].name
+    name = MODELS[config.model_name].name
+    seed, batch_size = config.seed, config.batch_size
 
     def new_model():
-        pre_trained = best_checkpoint(working_dir / CHECKPOINTS_SOFTMAX_DIR, name)
+        pre_trained = working_dir.best_checkpoint('softmax', name)
         if pre_trained.exists():
-            dsm = build_model(str(pre_trained), model_name)
+            dsm = build_model(str(pre_trained), config.model_name)
             logger.info('Initialising from the softmax checkpoint %s, with its architecture.', pre_trained)
         else:
             logger.warning('No softmax checkpoint in %s: triplet training starts from random weights.',
                            pre_trained.parent)
-            dsm = MODELS[model_name](width=width, **(model_options or {}))
-        dsm.m.compile(optimizer=keras.optimizers.SGD(learning_rate, momentum=TRIPLET_MOMENTUM),
+            dsm = MODELS[config.model_name](width=config.width, **config.model_options)
+        dsm.m.compile(optimizer=keras.optimizers.SGD(config.learning_rate or TRIPLET_LEARNING_RATE,
+                                                     momentum=TRIPLET_MOMENTUM),
                       loss=deep_speaker_loss)
         return dsm.m
 
     model, initial_epoch = resumed_or_new(directory, name, new_model)
-    callbacks = phase_callbacks(directory, working_dir, name, 'triplet', 'val_loss', 'min')
+    callbacks = phase_callbacks(directory, working_dir.root, name, 'triplet', 'val_loss', 'min')
     selector = random_triplets
-    if mining != 'random':
-        selector = HardNegativeMiner(ky_train, mining, min(history_size, len(ky_train)), seed + initial_epoch)
-        callbacks.append(MiningRefresh(selector, kx_train, refresh_every))
+    if config.mining != 'random':
+        selector = HardNegativeMiner(ky_train, config.mining, min(config.history_size, len(ky_train)),
+                                     seed + initial_epoch)
+        callbacks.append(MiningRefresh(selector, kx_train, config.refresh_every))
     train_batcher = TripletBatcher(kx_train, ky_train, seed=seed + initial_epoch, selector=selector)
     test_batcher = TripletBatcher(kx_test, ky_test, seed=seed)
     validation = [test_batcher.get_batch(batch_size) for _ in range(TRIPLET_VALIDATION_BATCHES)]
     validation = (np.concatenate([x for x, _ in validation]), np.concatenate([y for _, y in validation]))
     validation = tf.data.Dataset.from_tensor_slices(validation).batch(3 * (batch_size // 3))
     logger.info('Triplet phase: %d speakers, %s parameters, %s triplets.', converter.num_speakers,
-                f'{model.count_params():,}', mining)
-    fit(model, initial_epoch, epochs, triplet_dataset(train_batcher, batch_size), validation, steps_per_epoch,
-        callbacks)
+                f'{model.count_params():,}', config.mining)
+    fit(model, initial_epoch, config.epochs, triplet_dataset(train_batcher, batch_size), validation,
+        config.steps_per_epoch or TRIPLET_STEPS_PER_EPOCH, callbacks)
     return best_checkpoint(directory, name)

@@ -16,15 +16,17 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from audio import read_mfcc  # noqa: E402
+from constants import DEFAULT_SEED  # noqa: E402
 from conv_models import DeepSpeakerModel  # noqa: E402
+from embedding import Embedder  # noqa: E402
 from eval_metrics import equal_error_rate, min_dcf  # noqa: E402
-from test import embed_utterances, read_trials, score_trials  # noqa: E402
+from features import read_features  # noqa: E402
+from test import read_trials, score_trials  # noqa: E402
 
 
 def mean_fbank_embeddings(files: list[Path]) -> np.ndarray:
     """Each file's mean normalised fbank frame, L2-normalised: (files, 64)."""
-    means = np.stack([read_mfcc(str(f)).mean(axis=0) for f in files])
+    means = np.stack([read_features(str(f)).mean(axis=0) for f in files])
     return means / np.linalg.norm(means, axis=1, keepdims=True)
 
 
@@ -32,13 +34,13 @@ def mean_fbank_embeddings(files: list[Path]) -> np.ndarray:
 @click.option('--trials', 'trials_file', required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option('--audio_root', required=True, type=click.Path(exists=True, file_okay=False))
 @click.option('--width', default=0.25, show_default=True)
-@click.option('--seed', default=123, show_default=True)
+@click.option('--seed', default=DEFAULT_SEED, show_default=True)
 def main(trials_file, audio_root, width, seed):
     trials = read_trials(trials_file, audio_root)
     keras.utils.set_random_seed(seed)
     floors = {'no model (mean fbank)': mean_fbank_embeddings(trials.files),
-              f'untrained ResCNN (width {width:g}, seed {seed})': embed_utterances(DeepSpeakerModel(width=width),
-                                                                                  trials.files)}
+              f'untrained ResCNN (width {width:g}, seed {seed})':
+                  Embedder(DeepSpeakerModel(width=width)).embed_files(trials.files)}
     for name, embeddings in floors.items():
         scores = score_trials(embeddings, trials)
         click.echo(f'{name}: EER = {100 * equal_error_rate(scores, trials.labels):.2f} %, '

@@ -22,6 +22,7 @@ from click.testing import CliRunner, Result  # noqa: E402
 from keras import layers  # noqa: E402
 from model_helpers import randomise  # noqa: E402
 
+from checkpoints import AtomicCheckpoint  # noqa: E402
 from cli import cli  # noqa: E402
 from constants import (  # noqa: E402
     EMBEDDING_SIZE,
@@ -45,7 +46,6 @@ from conv_models import (  # noqa: E402
     load_checkpoint,
 )
 from eval_metrics import equal_error_rate, min_dcf  # noqa: E402
-from train import AtomicCheckpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 AUDIO_DIR = ROOT / 'samples' / 'LibriSpeech' / 'test-other'

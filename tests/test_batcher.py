@@ -11,6 +11,7 @@ import audio
 import batcher
 from batcher import KerasFormatConverter, Source, TripletBatcher, random_triplets, sample_from_mfcc
 from constants import NUM_FRAMES
+from workdir import NotBuiltError
 
 COUNTS = (6, 3)
 # 1688: two utterances of >= 189 frames (random crops); 3005: two of 136 and 105 frames (zero-padded crops);
@@ -247,14 +248,16 @@ def test_no_temporary_files_left(generated):
 
 
 def test_empty_working_dir_raises(tmp_path):
-    with pytest.raises(FileNotFoundError, match='build-mfcc-cache'):
+    with pytest.raises(NotBuiltError, match='no cached features') as error:
         KerasFormatConverter(str(tmp_path))
+    assert error.value.step == 'features'
 
 
 def test_load_before_generate_raises(working_dir, tmp_path):
     converter = KerasFormatConverter(str(copy_cache(working_dir, tmp_path)))
-    with pytest.raises(FileNotFoundError, match='build-keras-inputs'):
+    with pytest.raises(NotBuiltError, match='no model inputs') as error:
         converter.load('train')
+    assert error.value.step == 'inputs'
 
 
 # ---------------------------------------------------------------- TripletBatcher

@@ -10,8 +10,9 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import keras  # noqa: E402
 import pytest  # noqa: E402
 
+from checkpoints import AtomicCheckpoint, read_state, resumed_or_new  # noqa: E402
 from conv_models import DeepSpeakerModel  # noqa: E402
-from train import AtomicCheckpoint, phase_callbacks, read_state, resumed_or_new  # noqa: E402
+from train import phase_callbacks  # noqa: E402
 
 SMALL_WIDTH = 0.125
 

@@ -1,0 +1,231 @@
+"""Checkpoints: loading by layer name from `.keras` (ours), `.weights.h5` (Keras 3) and Keras-2 `.h5` (the
+published ResCNN) files, the architecture a `.keras` file was trained as, the training state kept inside
+`<Model>_last.keras`, the AtomicCheckpoint callback that writes them, and resume.
+
+Imports the models (conv_models, triplet_loss), workdir and constants; conv_models re-exports CheckpointError,
+load_checkpoint, checkpoint_architecture and build_model for the users of the original layout.
+"""
+
+import json
+import logging
+import os
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import h5py
+import keras
+import numpy as np
+
+from constants import CHECKPOINT_STATE_ENTRY
+from conv_models import MODELS, SpeakerModel
+from triplet_loss import deep_speaker_loss
+from workdir import atomic_path, best_checkpoint, last_checkpoint, remove_orphan_temp_files, state_file
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not exist or does not fit the model; the message names the file and the fix."""
+
+
+def weighted_layer_names(model: keras.Model) -> list[str]:
+    """Names of the model's layers that own weights."""
+    return [layer.name for layer in model.layers if layer.weights]
+
+
+def legacy_h5_layer_names(path: str) -> set[str]:
+    """Layers that hold weights in a Keras-2 HDF5 file (weights-only or full-model save)."""
+    with h5py.File(path, 'r') as f:
+        group = f['model_weights'] if 'layer_names' not in f.attrs and 'model_weights' in f else f
+        if 'layer_names' not in group.attrs:
+            raise CheckpointError(f'{path}: not a Keras-2 HDF5 file (no layer_names); a Keras 3 weights file must '
+                                  f'end in .weights.h5.')
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs['layer_names']]
+        return {n for n in names if len(group[n].attrs.get('weight_names', [])) > 0}
+
+
+def copy_weights_by_name(source: keras.Model, target: keras.Model) -> None:
+    """Sets each weighted layer of `target` from the layer of the same name in `source`, where there is one."""
+    source_layers = {layer.name: layer for layer in source.layers}
+    for name in weighted_layer_names(target):
+        if name in source_layers:
+            target.get_layer(name).set_weights(source_layers[name].get_weights())
+
+
+def check_exists(path: str) -> None:
+    if not os.path.isfile(path):
+        raise CheckpointError(f'{path}: no such checkpoint file; train a model first or fix the path.')
+
+
+@contextmanager
+def fitting(path: str) -> Iterator[None]:
+    """Turns Keras' and h5py's errors while reading `path` into a CheckpointError naming the file."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, OSError, zipfile.BadZipFile) as e:
+        message = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f'{path}: does not fit this model ({message}); check --model, --width and the '
+                              f'number of speakers it was trained on.') from None
+
+
+def architecture_of(config: dict, path: str) -> tuple[str, dict]:
+    """The model name and constructor options of a saved functional model's config (its 'name' and 'layers')."""
+    names = [key for key, cls in MODELS.items() if cls.name == config.get('name')]
+    if not names or 'layers' not in config:
+        raise CheckpointError(f'{path}: a model named {config.get("name")!r}, not one of deep-speaker\'s '
+                              f'({", ".join(cls.name for cls in MODELS.values())}); use a checkpoint of ours.')
+    return names[0], MODELS[names[0]].options_from_config({entry['name']: entry['config']
+                                                          for entry in config['layers']})
+
+
+def checkpoint_architecture(path: str, model: str = 'rescnn', width: float | None = None) -> tuple[str, dict]:
+    """The model name and constructor options (width; a TDNN's frame layers and BN order) of a .keras checkpoint,
+    read from its config; (model, {'width': width or 1.0}) for other files, whose architecture must be given."""
+    if not (path.endswith('.keras') and os.path.isfile(path)):
+        return model, {'width': width or 1.0}
+    with fitting(path), zipfile.ZipFile(path) as archive:
+        config = json.loads(archive.read('config.json'))
+    return architecture_of(config.get('config', {}), path)
+
+
+def read_keras_checkpoint(path: str) -> keras.Model:
+    """The whole model saved in a .keras file, uncompiled."""
+    check_exists(path)
+    with fitting(path):
+        return keras.saving.load_model(path, compile=False)
+
+
+def copy_checkpoint_weights(source: keras.Model, model: keras.Model, path: str) -> list[str]:
+    """Copies the weights of `source` (read from `path`) into `model` by layer name; returns the weighted layers
+    of `model` that `source` has nothing for."""
+    with fitting(path):
+        copy_weights_by_name(source, model)
+    return missing_layers(path, weighted_layer_names(model), set(weighted_layer_names(source)))
+
+
+def missing_layers(path: str, expected: list[str], present: set[str]) -> list[str]:
+    """The `expected` layers not `present`; CheckpointError when none is."""
+    missing = [name for name in expected if name not in present]
+    if len(missing) == len(expected):
+        raise CheckpointError(f'{path}: none of the model\'s layers is in this checkpoint; check --model.')
+    if missing:
+        logger.warning('%s: no weights for layers %s; they keep their initial values.', path, ', '.join(missing))
+    return missing
+
+
+def load_checkpoint(model: keras.Model, path: str) -> list[str]:
+    """Loads weights into `model` by layer name; returns the weighted layers the checkpoint had nothing for.
+
+    `.keras` (full model, ours), `.weights.h5` (Keras 3 weights, same architecture) and Keras-2 `.h5`
+    (the published ResCNN checkpoints) are accepted. Raises CheckpointError when no layer gets weights or
+    a layer's shapes differ (another model, width or number of speakers).
+    """
+    check_exists(path)
+    if path.endswith('.keras'):
+        return copy_checkpoint_weights(read_keras_checkpoint(path), model, path)
+    expected = weighted_layer_names(model)
+    with fitting(path):
+        if path.endswith('.weights.h5'):
+            model.load_weights(path)
+            present = set(expected)
+        elif path.endswith(('.h5', '.hdf5')):
+            present = legacy_h5_layer_names(path)
+            model.load_weights(path, by_name=True)
+        else:
+            raise CheckpointError(f'{path}: unknown checkpoint format; expected .keras, .weights.h5 or .h5.')
+    return missing_layers(path, expected, present)
+
+
+def build_model(path: str, model: str = 'rescnn', width: float | None = None, **kwargs) -> SpeakerModel:
+    """The embedding model a checkpoint was trained as (read from a .keras file, opened once), with its weights
+    loaded; `model` and `width` give the architecture of other files."""
+    if path.endswith('.keras') and os.path.isfile(path):
+        source = read_keras_checkpoint(path)
+        name, options = architecture_of(source.get_config(), path)
+        speaker_model = MODELS[name](**options, **kwargs)
+        copy_checkpoint_weights(source, speaker_model.m, path)
+        return speaker_model
+    speaker_model = MODELS[model](width=width or 1.0, **kwargs)
+    load_checkpoint(speaker_model.m, path)
+    return speaker_model
+
+
+def read_state(directory: Path, name: str) -> dict:
+    """The phase's progress ({'epoch': finished epochs, 'best': best monitored value, 'seconds': wall time of
+    the epochs, validation included, 'counters': see AtomicCheckpoint}), {} before the first epoch. Read from
+    `<name>_last.keras` when it holds it (it is the checkpoint a resume loads), else from `<name>_state.json`."""
+    last = last_checkpoint(directory, name)
+    if last.exists():
+        with zipfile.ZipFile(last) as archive:
+            if CHECKPOINT_STATE_ENTRY in archive.namelist():
+                return json.loads(archive.read(CHECKPOINT_STATE_ENTRY))
+    path = state_file(directory, name)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def resumed_or_new(directory: Path, name: str, new_model: Callable[[], keras.Model]) -> tuple[keras.Model, int]:
+    """The phase's last checkpoint with its optimizer state and finished epochs, or `new_model()` and 0."""
+    last = last_checkpoint(directory, name)
+    epoch = read_state(directory, name).get('epoch', 0)
+    if last.exists() and epoch > 0:
+        logger.info('Resuming from %s after epoch %d.', last, epoch)
+        return keras.saving.load_model(last, custom_objects={'deep_speaker_loss': deep_speaker_loss}), epoch
+    return new_model(), 0
+
+
+class AtomicCheckpoint(keras.callbacks.Callback):
+    """After each epoch saves `<name>_last.keras` (model and optimizer, for resuming) and, when `monitor`
+    improves, `<name>_best.keras`. The training state (epoch, best value, training seconds, and the counters of
+    the `counted` callbacks, e.g. ReduceLROnPlateau's epochs without improvement) goes inside `_last.keras`, so
+    the two never disagree, and into `<name>_state.json` for people and scripts. Place it after the `counted`
+    callbacks: it saves what their end of epoch changed and restores their counters after they reset them.
+    Writes go through a temporary file (`.<name>.<pid>-<random>.tmp.keras`) and a rename, so a killed write never
+    leaves a checkpoint that loads wrong; the temporary files of killed runs (their process is gone) are deleted
+    at the start."""
+
+    def __init__(self, directory: Path, name: str, monitor: str, mode: str, counted: tuple = ()):
+        super().__init__()
+        self.directory, self.name, self.monitor, self.mode, self.counted = directory, name, monitor, mode, counted
+        self.state = read_state(directory, name)
+        self.best, self.seconds = self.state.get('best'), self.state.get('seconds', 0.0)
+        self.epoch_start = time.perf_counter()
+        remove_orphan_temp_files(directory, f'.{name}.*.tmp.keras')
+
+    def improved(self, value: float) -> bool:
+        return self.best is None or (value > self.best if self.mode == 'max' else value < self.best)
+
+    def save(self, path: Path, state: dict | None = None) -> None:
+        with atomic_path(path, self.name) as tmp:
+            self.model.save(tmp)
+            if state is not None:
+                with zipfile.ZipFile(tmp, 'a') as archive:
+                    archive.writestr(CHECKPOINT_STATE_ENTRY, json.dumps(state))
+
+    def counters(self) -> dict:
+        return {type(c).__name__: {'wait': int(c.wait), 'best': float(c.best)} for c in self.counted}
+
+    def on_train_begin(self, logs=None):
+        for callback in self.counted:
+            for attribute, value in self.state.get('counters', {}).get(type(callback).__name__, {}).items():
+                setattr(callback, attribute, value)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds += time.perf_counter() - self.epoch_start
+        value = float((logs or {}).get(self.monitor, np.nan))
+        if not np.isnan(value) and self.improved(value):
+            self.best = value
+            self.save(best_checkpoint(self.directory, self.name))
+            logger.info('Epoch %d: %s = %.4f, new best checkpoint.', epoch + 1, self.monitor, value)
+        self.state = {'epoch': epoch + 1, 'best': self.best, 'monitor': self.monitor,
+                      'seconds': round(self.seconds, 1), 'counters': self.counters()}
+        self.save(last_checkpoint(self.directory, self.name), self.state)
+        with atomic_path(state_file(self.directory, self.name)) as tmp:
+            tmp.write_text(json.dumps(self.state))

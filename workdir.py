@@ -1,0 +1,135 @@
+"""The working directory: every path of one (feature cache, skipped-files report, model inputs, checkpoints, logs),
+the checkpoint names `<Model>_best/_last/_state`, what was built in it (NotBuiltError when a step is missing), and
+the one atomic-write helper used by the cache, the model inputs and the checkpoints.
+
+Imports only constants (and the standard library), so the data modules and the training modules can share it.
+"""
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from constants import (
+    CACHE_SUBDIR,
+    CHECKPOINTS_SOFTMAX_DIR,
+    CHECKPOINTS_TRIPLET_DIR,
+    KERAS_INPUTS_SUBDIR,
+    LOGS_SUBDIR,
+    SKIPPED_FILES_REPORT,
+)
+
+PHASE_DIRS = {'softmax': CHECKPOINTS_SOFTMAX_DIR, 'triplet': CHECKPOINTS_TRIPLET_DIR}
+INPUTS_META = 'meta.json'
+
+
+class NotBuiltError(FileNotFoundError):
+    """A pipeline step that has not run in a working dir: `step` is 'features' (the cache) or 'inputs' (the model
+    inputs); the caller names the command that builds it."""
+
+    def __init__(self, working_dir: Path, step: str, what: str):
+        super().__init__(f'{working_dir}: {what}.')
+        self.working_dir, self.step, self.what = working_dir, step, what
+
+
+def best_checkpoint(directory: Path, name: str = 'ResCNN') -> Path:
+    """`<name>_best.keras` in a phase's checkpoint dir: the best epoch's model (it may not exist yet)."""
+    return directory / f'{name}_best.keras'
+
+
+def last_checkpoint(directory: Path, name: str) -> Path:
+    """`<name>_last.keras`: the last finished epoch's model and optimizer, with the training state inside."""
+    return directory / f'{name}_last.keras'
+
+
+def state_file(directory: Path, name: str) -> Path:
+    """`<name>_state.json`: the training state, for people and scripts."""
+    return directory / f'{name}_state.json'
+
+
+@contextmanager
+def atomic_path(path: Path, tag: str | None = None) -> Iterator[Path]:
+    """Yields a temporary path beside `path`, `.<tag>.<pid>-<random>.tmp<suffix>` (tag: the stem of `path`), to
+    write; renames it to `path` when the block succeeds, so `path` is whole or absent. The temporary file is gone
+    afterwards either way; a killed writer's is found by remove_orphan_temp_files."""
+    tmp = path.with_name(f'.{tag or path.stem}.{os.getpid()}-{uuid.uuid4().hex}.tmp{path.suffix}')
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def process_is_alive(pid: int) -> bool:
+    """Whether process `pid` runs. A zombie (a killed pool worker that nobody has reaped yet) is dead."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # Linux: the state letter follows the parenthesised command name in /proc/<pid>/stat.
+        return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0] != 'Z'
+    except (OSError, IndexError):
+        return True
+
+
+def remove_orphan_temp_files(directory: Path, pattern: str) -> int:
+    """Deletes the temporary files `.<name>.<pid>-<random>.tmp.<ext>` matching `pattern` in `directory` whose
+    writing process is gone (a killed build or training run); returns how many. Files of live writers stay."""
+    orphans = [tmp for tmp in directory.glob(pattern)
+               if not process_is_alive(int(tmp.name.rsplit('.', 3)[-3].split('-')[0]))]
+    for tmp in orphans:
+        tmp.unlink(missing_ok=True)
+    return len(orphans)
+
+
+@dataclass(frozen=True)
+class WorkingDir:
+    """A working directory `root` and the paths of what the pipeline builds there."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, working_dir: 'str | Path | WorkingDir') -> 'WorkingDir':
+        """A WorkingDir from a path (`~` expanded) or an existing WorkingDir."""
+        return working_dir if isinstance(working_dir, WorkingDir) else cls(Path(working_dir).expanduser())
+
+    @property
+    def cache_dir(self) -> Path:
+        """The fbank cache: `<speaker>/<utterance>.npy`."""
+        return self.root / CACHE_SUBDIR
+
+    @property
+    def skipped_files_report(self) -> Path:
+        return self.root / SKIPPED_FILES_REPORT
+
+    @property
+    def inputs_dir(self) -> Path:
+        """The model inputs: kx/ky train/test .npy, categorical_speakers.pkl and meta.json."""
+        return self.root / KERAS_INPUTS_SUBDIR
+
+    def checkpoints_dir(self, phase: str) -> Path:
+        """Checkpoints of the 'softmax' or 'triplet' phase."""
+        return self.root / PHASE_DIRS[phase]
+
+    def logs_dir(self, phase: str) -> Path:
+        return self.root / LOGS_SUBDIR / phase
+
+    def best_checkpoint(self, phase: str, name: str) -> Path:
+        return best_checkpoint(self.checkpoints_dir(phase), name)
+
+    def inputs_settings(self) -> dict:
+        """What the model inputs were built from (meta.json: crop length, counts, seed, speakers, in class order);
+        NotBuiltError before build-keras-inputs."""
+        meta = self.inputs_dir / INPUTS_META
+        if not meta.exists():
+            raise NotBuiltError(self.root, 'inputs', f'no model inputs in {self.inputs_dir}')
+        return json.loads(meta.read_text())
+
+    def input_speakers(self) -> list[str]:
+        """The speakers of the built model inputs, one per softmax class: the softmax size is their number."""
+        return self.inputs_settings()['speakers']
