@@ -253,6 +253,19 @@ def test_empty_working_dir_raises(tmp_path):
     assert error.value.step == 'features'
 
 
+def test_softmax_size_comes_from_the_built_inputs_not_from_a_cache_that_grew(working_dir, tmp_path):
+    grown = copy_cache(working_dir, tmp_path)
+    converter = KerasFormatConverter(str(grown))
+    converter.generate(counts_per_speaker=COUNTS, seed=1)
+    shutil.copytree(grown / 'audio-fbanks' / '1688', grown / 'audio-fbanks' / '9999')  # a speaker cached later.
+    again = KerasFormatConverter(str(grown))
+    assert len(again.audio.speaker_ids) == 4
+    assert again.num_speakers == 3
+    kx, ky = again.load('train')
+    assert int(np.max(ky)) + 1 == again.num_speakers
+    assert not again.is_built(again.settings(NUM_FRAMES, COUNTS, 1))  # build-keras-inputs would rebuild them.
+
+
 def test_load_before_generate_raises(working_dir, tmp_path):
     converter = KerasFormatConverter(str(copy_cache(working_dir, tmp_path)))
     with pytest.raises(NotBuiltError, match='no model inputs') as error:

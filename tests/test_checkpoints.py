@@ -10,7 +10,14 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import keras  # noqa: E402
 import pytest  # noqa: E402
 
-from checkpoints import AtomicCheckpoint, read_state, resumed_or_new  # noqa: E402
+from checkpoints import (  # noqa: E402
+    AtomicCheckpoint,
+    CheckpointError,
+    build_model,
+    checkpoint_architecture,
+    read_state,
+    resumed_or_new,
+)
 from conv_models import DeepSpeakerModel  # noqa: E402
 from train import phase_callbacks  # noqa: E402
 
@@ -78,3 +85,19 @@ def test_schedule_counters_are_restored_after_the_schedules_reset_them(tmp_path,
     for callback in (*second, resumed):
         callback.on_epoch_end(4, {'val_loss': 0.9})
     assert [(c.wait, c.best) for c in second] == [(0, 0.9), (0, 0.9)]
+
+
+def test_a_keras_file_of_another_project_is_a_checkpoint_error(tmp_path):
+    path = str(tmp_path / 'other.keras')
+    keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name='dense')], name='classifier').save(path)
+    with pytest.raises(CheckpointError, match="other.keras: a model named 'classifier', not one of deep-speaker's"):
+        checkpoint_architecture(path)
+    with pytest.raises(CheckpointError, match='other.keras: '):
+        build_model(path)
+
+
+def test_a_keras_file_that_is_not_an_archive_is_a_checkpoint_error(tmp_path):
+    path = tmp_path / 'ResCNN_best.keras'
+    path.write_bytes(b'not a zip archive')
+    with pytest.raises(CheckpointError, match='ResCNN_best.keras: does not fit this model'):
+        checkpoint_architecture(str(path))
