@@ -2,6 +2,7 @@
 files, whole-utterance windows or a centre crop, from a model or from a checkpoint."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -11,6 +12,7 @@ import pytest  # noqa: E402
 import soundfile as sf  # noqa: E402
 from model_helpers import randomise  # noqa: E402
 
+import embedding  # noqa: E402
 from batcher import sample_from_mfcc  # noqa: E402
 from constants import NUM_FRAMES  # noqa: E402
 from conv_models import DeepSpeakerModel  # noqa: E402
@@ -18,6 +20,10 @@ from embedding import Embedder, embed_crops, utterance_windows  # noqa: E402
 from features import read_features  # noqa: E402
 
 WIDTH = 0.125
+AUDIO_ROOT = Path(__file__).resolve().parents[1] / 'samples' / 'LibriSpeech' / 'test-other'
+SHORT_A1, SHORT_A2 = '3005/163389/3005-163389-0004.flac', '3005/163389/3005-163389-0007.flac'
+SHORT_B1 = '367/130732/367-130732-0000.flac'
+LONG = '1688/142285/1688-142285-0003.flac'  # 5 s, 380 frames after trimming: four windows.
 
 
 @pytest.fixture(scope='module')
@@ -25,6 +31,11 @@ def model() -> DeepSpeakerModel:
     speaker_model = DeepSpeakerModel(width=WIDTH)
     randomise(speaker_model.m, seed=3)
     return speaker_model
+
+
+@pytest.fixture(scope='module')
+def untrained() -> DeepSpeakerModel:
+    return DeepSpeakerModel(width=WIDTH)
 
 
 @pytest.fixture(scope='module')
@@ -86,3 +97,82 @@ def test_from_checkpoint_embeds_as_the_saved_model(model, files, tmp_path):
     assert loaded.crop and loaded.model.width == WIDTH
     np.testing.assert_allclose(loaded.embed_file(files['short']), Embedder(model, crop=True).embed_file(files['short']),
                                atol=1e-6)
+
+
+# --- Windows, and the embeddings of whole files ------------------------------------------------------------------
+
+def random_features(frames: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((frames, 64)).astype(np.float32)
+
+
+def expected_starts(frames: int) -> list[int]:
+    """Windows of 160 frames every 80, plus one ending at the last frame if the hop does not land there."""
+    starts = list(range(0, frames - 160 + 1, 80))
+    if starts[-1] != frames - 160:
+        starts.append(frames - 160)
+    return starts
+
+
+def test_crop_gives_the_centre_crop():
+    mfcc = random_features(500)
+    windows = embedding.utterance_windows(mfcc, crop=True)
+    assert windows.shape == (1, 160, 64, 1) and windows.dtype == np.float32
+    np.testing.assert_array_equal(windows[0, :, :, 0], mfcc[170:330])
+
+
+@pytest.mark.parametrize('frames', [161, 239, 240, 400, 500, 1234])
+def test_long_utterance_windows_are_slices_every_80_frames(frames):
+    mfcc = random_features(frames)
+    windows = embedding.utterance_windows(mfcc, crop=False)
+    starts = expected_starts(frames)
+    assert windows.shape == (len(starts), 160, 64, 1) and windows.dtype == np.float32
+    for window, start in zip(windows, starts, strict=True):
+        np.testing.assert_array_equal(window[:, :, 0], mfcc[start:start + 160])
+    np.testing.assert_array_equal(windows[-1, -1, :, 0], mfcc[-1])  # the last window ends at the last frame.
+
+
+@pytest.mark.parametrize('crop', [False, True])
+def test_exact_and_short_utterances_give_one_window(crop):
+    exact = random_features(160)
+    np.testing.assert_array_equal(embedding.utterance_windows(exact, crop)[:, :, :, 0], exact[np.newaxis])
+    short = random_features(100)
+    windows = embedding.utterance_windows(short, crop)
+    assert windows.shape == (1, 160, 64, 1)
+    np.testing.assert_array_equal(windows[0, :100, :, 0], short)
+    assert not windows[0, 100:].any()
+
+
+def manual_embedding(model, path: Path, crop: bool) -> np.ndarray:
+    from audio import read_mfcc
+    windows = embedding.utterance_windows(read_mfcc(str(path)), crop)
+    mean = model.m.predict(windows, verbose=0).astype(np.float64).mean(axis=0)
+    return mean / np.linalg.norm(mean)
+
+
+def test_embed_utterances_is_deterministic_unit_norm_and_the_mean_of_its_windows(untrained):
+    from audio import read_mfcc
+
+    files = [AUDIO_ROOT / LONG, AUDIO_ROOT / SHORT_A1, AUDIO_ROOT / SHORT_B1]
+    assert len(embedding.utterance_windows(read_mfcc(str(files[0])), crop=False)) == 4
+    first = embedding.embed_utterances(untrained, files)
+    second = embedding.embed_utterances(untrained, files)
+    assert first.shape == (3, 512) and first.dtype == np.float32
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
+    for row, path in zip(first, files, strict=True):
+        np.testing.assert_allclose(row, manual_embedding(untrained, path, crop=False), atol=2e-5)
+
+    cropped = embedding.embed_utterances(untrained, files, crop=True)
+    np.testing.assert_allclose(np.linalg.norm(cropped, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(cropped[0], manual_embedding(untrained, files[0], crop=True), atol=2e-5)
+    assert np.abs(cropped[0] - first[0]).max() > 1e-3  # the long file: one crop is not the whole utterance.
+
+
+def test_embed_utterances_over_several_chunks_keeps_the_file_order(untrained):
+    files = [AUDIO_ROOT / LONG, AUDIO_ROOT / SHORT_A2] * 17  # 34 files: two chunks of up to 32.
+    embeddings = embedding.embed_utterances(untrained, files)
+    assert embeddings.shape == (34, 512)
+    long_alone, short_alone = embedding.embed_utterances(untrained, files[:2])
+    np.testing.assert_allclose(embeddings[0::2], np.tile(long_alone, (17, 1)), atol=2e-5)
+    np.testing.assert_allclose(embeddings[1::2], np.tile(short_alone, (17, 1)), atol=2e-5)
+    assert np.abs(long_alone - short_alone).max() > 1e-3

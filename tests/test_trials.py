@@ -1,4 +1,4 @@
-"""Trial-list evaluation: test.read_trials, utterance windows and embeddings, scores, the EER / minDCF / DET metrics
+"""Trial-list evaluation: test.read_trials, scores, the EER / minDCF / DET metrics
 of eval_metrics (checked against scikit-learn and brute force) and `cli.py eval-trials` end to end."""
 
 import csv
@@ -18,7 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 AUDIO_ROOT = ROOT / 'samples' / 'LibriSpeech' / 'test-other'
 SHORT_A1, SHORT_A2 = '3005/163389/3005-163389-0004.flac', '3005/163389/3005-163389-0007.flac'
 SHORT_B1, SHORT_B2 = '367/130732/367-130732-0000.flac', '367/130732/367-130732-0006.flac'
-LONG = '1688/142285/1688-142285-0003.flac'  # 5 s, 380 frames after trimming: four windows.
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 RESULT_LINE = re.compile(r'EER = ([\d.]+) %, minDCF\(p_target=0\.01\) = ([\d.]+)')
 
@@ -234,89 +233,10 @@ def test_plot_det_writes_a_readable_png(tmp_path, separable):
     assert image.std() > 0  # not a blank canvas.
 
 
-# -------------------------------------------------------------------------------------------- windows, embeddings
-
-def features(frames: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((frames, 64)).astype(np.float32)
-
-
-def expected_starts(frames: int) -> list[int]:
-    """Windows of 160 frames every 80, plus one ending at the last frame if the hop does not land there."""
-    starts = list(range(0, frames - 160 + 1, 80))
-    if starts[-1] != frames - 160:
-        starts.append(frames - 160)
-    return starts
-
-
-def test_crop_gives_the_centre_crop():
-    mfcc = features(500)
-    windows = evaluation.utterance_windows(mfcc, crop=True)
-    assert windows.shape == (1, 160, 64, 1) and windows.dtype == np.float32
-    np.testing.assert_array_equal(windows[0, :, :, 0], mfcc[170:330])
-
-
-@pytest.mark.parametrize('frames', [161, 239, 240, 400, 500, 1234])
-def test_long_utterance_windows_are_slices_every_80_frames(frames):
-    mfcc = features(frames)
-    windows = evaluation.utterance_windows(mfcc, crop=False)
-    starts = expected_starts(frames)
-    assert windows.shape == (len(starts), 160, 64, 1) and windows.dtype == np.float32
-    for window, start in zip(windows, starts, strict=True):
-        np.testing.assert_array_equal(window[:, :, 0], mfcc[start:start + 160])
-    np.testing.assert_array_equal(windows[-1, -1, :, 0], mfcc[-1])  # the last window ends at the last frame.
-
-
-@pytest.mark.parametrize('crop', [False, True])
-def test_exact_and_short_utterances_give_one_window(crop):
-    exact = features(160)
-    np.testing.assert_array_equal(evaluation.utterance_windows(exact, crop)[:, :, :, 0], exact[np.newaxis])
-    short = features(100)
-    windows = evaluation.utterance_windows(short, crop)
-    assert windows.shape == (1, 160, 64, 1)
-    np.testing.assert_array_equal(windows[0, :100, :, 0], short)
-    assert not windows[0, 100:].any()
-
-
 @pytest.fixture(scope='module')
 def model():
     from conv_models import DeepSpeakerModel
     return DeepSpeakerModel(width=0.125)
-
-
-def manual_embedding(model, path: Path, crop: bool) -> np.ndarray:
-    from audio import read_mfcc
-    windows = evaluation.utterance_windows(read_mfcc(str(path)), crop)
-    mean = model.m.predict(windows, verbose=0).astype(np.float64).mean(axis=0)
-    return mean / np.linalg.norm(mean)
-
-
-def test_embed_utterances_is_deterministic_unit_norm_and_the_mean_of_its_windows(model):
-    from audio import read_mfcc
-
-    files = [AUDIO_ROOT / LONG, AUDIO_ROOT / SHORT_A1, AUDIO_ROOT / SHORT_B1]
-    assert len(evaluation.utterance_windows(read_mfcc(str(files[0])), crop=False)) == 4
-    first = evaluation.embed_utterances(model, files)
-    second = evaluation.embed_utterances(model, files)
-    assert first.shape == (3, 512) and first.dtype == np.float32
-    np.testing.assert_array_equal(first, second)
-    np.testing.assert_allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
-    for row, path in zip(first, files, strict=True):
-        np.testing.assert_allclose(row, manual_embedding(model, path, crop=False), atol=2e-5)
-
-    cropped = evaluation.embed_utterances(model, files, crop=True)
-    np.testing.assert_allclose(np.linalg.norm(cropped, axis=1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(cropped[0], manual_embedding(model, files[0], crop=True), atol=2e-5)
-    assert np.abs(cropped[0] - first[0]).max() > 1e-3  # the long file: one crop is not the whole utterance.
-
-
-def test_embed_utterances_over_several_chunks_keeps_the_file_order(model):
-    files = [AUDIO_ROOT / LONG, AUDIO_ROOT / SHORT_A2] * 17  # 34 files: two chunks of up to 32.
-    embeddings = evaluation.embed_utterances(model, files)
-    assert embeddings.shape == (34, 512)
-    long_alone, short_alone = evaluation.embed_utterances(model, files[:2])
-    np.testing.assert_allclose(embeddings[0::2], np.tile(long_alone, (17, 1)), atol=2e-5)
-    np.testing.assert_allclose(embeddings[1::2], np.tile(short_alone, (17, 1)), atol=2e-5)
-    assert np.abs(long_alone - short_alone).max() > 1e-3
 
 
 def test_score_trials_is_the_cosine_of_each_pair(tmp_path, audio_root):
