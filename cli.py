@@ -182,8 +182,10 @@ def train_model(working_dir, pre_training_phase, epochs, steps_per_epoch, batch_
         fail(f'--tdnn_layers, --dropout and --bn_before_relu are options of --model tdnn, not --model {model}.')
     from checkpoints import CheckpointError
     from train import TrainConfig, train_softmax, train_triplet
-    config = TrainConfig(working_dir, epochs, steps_per_epoch, width, batch_size, seed, model, learning_rate, options,
-                         triplet_mining, history_size, refresh_every)
+    config = TrainConfig(working_dir=working_dir, epochs=epochs, steps_per_epoch=steps_per_epoch, width=width,
+                         batch_size=batch_size, seed=seed, model_name=model, learning_rate=learning_rate,
+                         model_options=options, mining=triplet_mining, history_size=history_size,
+                         refresh_every=refresh_every)
     try:
         best = (train_softmax if pre_training_phase else train_triplet)(config)
     except FileNotFoundError as e:
