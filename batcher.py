@@ -13,7 +13,7 @@ import dill
 import numpy as np
 from tqdm import tqdm
 
-from audio import Audio
+from audio import Audio, CacheError, checked_features
 from constants import AUGMENTED_MARK, COUNTS_PER_SPEAKER, KERAS_INPUTS_SUBDIR, NUM_FBANKS, NUM_FRAMES, TRAIN_TEST_RATIO
 
 logger = logging.getLogger(__name__)
@@ -42,8 +42,8 @@ def sample_from_mfcc(mfcc: np.ndarray, max_length: int, rng: np.random.Generator
 
 
 def load_source(source: Source) -> np.ndarray:
-    """The frames of a source, memory-mapped: shape (frames, NUM_FBANKS)."""
-    return np.load(source.path, mmap_mode='r')[source.start:source.end]
+    """The frames of a source, memory-mapped: shape (frames, NUM_FBANKS); CacheError for a damaged cache file."""
+    return checked_features(source.path)[source.start:source.end]
 
 
 def train_test_sources(utterances: list[Path], ratio: float = TRAIN_TEST_RATIO) -> tuple[list[Source], list[Source]]:
@@ -58,7 +58,7 @@ def train_test_sources(utterances: list[Path], ratio: float = TRAIN_TEST_RATIO) 
     if len(groups) == 1:
         sides = ([], [])
         for utterance in utterances:
-            split = int(len(np.load(utterance, mmap_mode='r')) * ratio)
+            split = int(len(checked_features(utterance)) * ratio)
             sides[0].append(Source(utterance, 0, split))
             sides[1].append(Source(utterance, split, None))
         return sides
@@ -129,6 +129,7 @@ class KerasFormatConverter:
         for phase, count in zip(('train', 'test'), counts_per_speaker, strict=True):
             sources = {speaker: split[phase == 'test'] for speaker, split in splits.items()}
             self.generate_per_phase(phase, sources, count, max_length, rng)
+        # For users of the original implementation only: deep-speaker never loads this pickle (unpickling runs code).
         with open(self.path('categorical_speakers.pkl'), 'wb') as w:
             dill.dump(self.categorical_speakers, w)
         self.path('meta.json').write_text(json.dumps(settings))
@@ -156,8 +157,14 @@ class KerasFormatConverter:
         if not self.path('meta.json').exists():
             raise FileNotFoundError(f'--working_dir {self.working_dir}: no model inputs in {self.output_dir}; run '
                                     f'build-keras-inputs (./deep-speaker build_model_inputs) first.')
-        return (np.load(self.path(f'kx_{phase}.npy'), mmap_mode='r'),
-                np.load(self.path(f'ky_{phase}.npy'), mmap_mode='r'))
+        arrays = []
+        for name in (f'kx_{phase}.npy', f'ky_{phase}.npy'):
+            try:
+                arrays.append(np.load(self.path(name), mmap_mode='r', allow_pickle=False))
+            except (ValueError, EOFError, OSError) as e:
+                raise CacheError(f'{self.path(name)}: damaged model input ({e}); delete {self.output_dir} and run '
+                                 f'build-keras-inputs again.') from None
+        return arrays[0], arrays[1]
 
     @property
     def num_speakers(self) -> int:

@@ -86,7 +86,9 @@ def version():
                                          'pink, or a directory of noise files (e.g. MUSAN noise).')
 @click.option('--snr_range', default=','.join(f'{x:g}' for x in SNR_RANGE_DB), show_default=True,
               help='Range of the noise copies\' signal-to-noise ratio in dB, "LOW,HIGH".')
-def build_mfcc_cache(working_dir, audio_dir, sample_rate, workers, speed_perturb, noise, snr_range):
+@click.option('--verify', is_flag=True, help='First check every cached array; delete the damaged ones (listed in '
+                                             'the log), so they are recomputed from --audio_dir.')
+def build_mfcc_cache(working_dir, audio_dir, sample_rate, workers, speed_perturb, noise, snr_range, verify):
     """Caches the normalised fbank of every utterance in WORKING_DIR/audio-fbanks (resumable); augmented copies
     with --speed_perturb and --noise (off by default)."""
     from audio import Audio, augmentations
@@ -102,7 +104,7 @@ def build_mfcc_cache(working_dir, audio_dir, sample_rate, workers, speed_perturb
         fail(f'--snr_range {snr_range}: expected "LOW,HIGH" in dB, e.g. 5,20.')
     try:
         audio = Audio(cache_dir=working_dir, audio_dir=audio_dir, sample_rate=sample_rate, workers=workers,
-                      variants=augmentations(speed_perturb, noises, snr))
+                      variants=augmentations(speed_perturb, noises, snr), verify=verify)
     except OSError as e:
         fail(os_error_message(e))
     num_utterances = sum(len(u) for u in audio.speakers_to_utterances.values())
@@ -174,8 +176,10 @@ def train_model(working_dir, pre_training_phase, epochs, steps_per_epoch, batch_
             best = train_triplet(working_dir, epochs, steps_per_epoch or 100, width, batch_size, seed,
                                  learning_rate or TRIPLET_LEARNING_RATE, triplet_mining, history_size, refresh_every,
                                  model, options)
-    except (FileNotFoundError, CheckpointError) as e:
+    except CheckpointError as e:
         fail(str(e))
+    except OSError as e:
+        fail(os_error_message(e))
     logger.info('Best checkpoint: %s', best)
 
 
@@ -215,8 +219,10 @@ def test_model(working_dir, checkpoint_file, model, width, seed):
                                                              MODELS[model].name))
     try:
         fm, tpr, acc, eer = eval_model(working_dir, build_model(checkpoint_file, model, width), seed)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, ValueError) as e:
         fail(str(e))
+    except OSError as e:
+        fail(os_error_message(e))
     click.echo(f'f-measure = {fm:.4f}, true positive rate = {tpr:.4f}, accuracy = {acc:.4f}, '
                f'equal error rate = {eer:.4f}')
 
