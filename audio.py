@@ -63,6 +63,8 @@ def read_audio(path: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         audio, file_rate = sf.read(path, dtype='float32', always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise AudioError(f'{path}: not a readable wav/flac file ({e}); remove or re-encode it.') from None
+    except MemoryError:  # soundfile allocates the length the header declares before decoding.
+        raise AudioError(f'{path}: declares more samples than memory holds; re-encode it.') from None
     if file_rate < MIN_FILE_SAMPLE_RATE:
         raise AudioError(f'{path}: declares {file_rate} Hz, below {MIN_FILE_SAMPLE_RATE} Hz; re-encode it.')
     audio = audio.mean(axis=1)
@@ -283,8 +285,10 @@ def _cache_one(job: tuple[str, str, int, Augmentation | None]) -> tuple[str, str
         features = read_mfcc(audio_file, sample_rate, augmentation)
     except AudioError as e:
         return SKIPPED, str(e)
-    except Exception as e:  # a decoder or resampler failing on a malformed file must not crash the pool.
-        return SKIPPED, f'{audio_file}: cannot be decoded ({type(e).__name__}: {e}); remove or re-encode it.'
+    except Exception as e:  # a decoder, resampler or noise source failing on a file must not crash the pool.
+        variant = f' ({augmentation.suffix} copy)' if augmentation else ''
+        return SKIPPED, (f'{audio_file}{variant}: unexpected {type(e).__name__} ({e}) while computing its features; '
+                         f'remove or re-encode it, or check --noise.')
     try:
         save_npy_atomically(Path(cache_file), features)
     except OSError as e:

@@ -210,6 +210,18 @@ def test_verify_leaves_whole_arrays_untouched(tmp_path, built):
     assert sum(len(u) for u in cache.speakers_to_utterances.values()) == len(UTTERANCES)
 
 
+def test_a_failing_augmentation_is_a_skipped_file_not_a_crashed_pool(tmp_path, copy_librispeech):
+    audio_dir, working_dir, no_noise = tmp_path / 'audio', tmp_path / 'wd', tmp_path / 'no-noise-files'
+    files = copy_librispeech(audio_dir, UTTERANCES[:2])
+    no_noise.mkdir()
+    cache = audio.Audio(str(working_dir), str(audio_dir), workers=WORKERS,
+                        variants=audio.augmentations(False, [str(no_noise)], (5.0, 20.0)))
+    assert sorted(cache.speakers_to_utterances['1688']) == [f'142285%2F{f.name}' for f in files]
+    report = (working_dir / 'skipped-files.txt').read_text().splitlines()
+    assert len(report) == 2 and all(line.startswith(tuple(map(str, files))) for line in report)
+    assert all('~noise0 copy' in line and 'check --noise' in line for line in report)
+
+
 class Touch:
     """Unpickling it creates a file: what a malicious pickle could do."""
 
@@ -278,6 +290,10 @@ def fuzz_files(root: Path, flac: Path, seed: int = 0) -> tuple[list[Path], list[
             (65535, rate, 16, len(pcm), 1), (1, 0xFFFFFFFF, 16, len(pcm), 1), (1, rate, 32, 0xFFFFFFFF, 3),
             (1, rate, 0, len(pcm), 1), (1, rate, 16, len(pcm), 0xFFFF)]:
         put('huge', '.wav', wav_header(channels, file_rate, bits, size, tag) + pcm, either)
+    huge_flac = bytearray(flac_bytes)  # STREAMINFO: 2**36 - 1 samples (256 GiB of float32).
+    huge_flac[21] |= 0x0F
+    huge_flac[22:26] = b'\xff\xff\xff\xff'
+    put('huge', '.flac', bytes(huge_flac), either)
     for file_rate in (1, 7, 100):  # resampling these to 16 kHz would take gigabytes.
         put('slow', '.wav', wav_header(1, file_rate, 16, len(pcm)) + pcm, must_skip)
     for i in range(12):
@@ -317,6 +333,7 @@ def test_fuzz_battery_through_the_cache_build(tmp_path, librispeech_dir, copy_li
     for audio_file in must_skip:
         assert audio_file in reasons and reasons[audio_file], audio_file
         assert not is_cached(audio_file), audio_file
+    assert not [r for r in reasons.values() if 'unexpected' in r]  # each failure has its own explanation.
     for audio_file in either:  # cached or listed with a reason, never both, never neither.
         assert is_cached(audio_file) != (audio_file in reasons), audio_file
     for audio_file in good:
