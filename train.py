@@ -73,6 +73,9 @@ class AtomicCheckpoint(keras.callbacks.Callback):
                 with zipfile.ZipFile(tmp, 'a') as archive:
                     archive.writestr(CHECKPOINT_STATE_ENTRY, json.dumps(state))
             os.replace(tmp, self.directory / filename)
+        except OSError as e:
+            raise CheckpointError(f'{self.directory / filename}: cannot be written ({e.strerror or e}); free disk '
+                                  f'space and run train-model again (it resumes from the last checkpoint).') from None
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -98,8 +101,11 @@ class AtomicCheckpoint(keras.callbacks.Callback):
                       'seconds': round(self.seconds, 1), 'counters': self.counters()}
         self.save(f'{self.name}_last.keras', self.state)
         tmp = self.directory / f'.{self.name}_state.json.tmp'
-        tmp.write_text(json.dumps(self.state))
-        os.replace(tmp, self.directory / f'{self.name}_state.json')
+        try:
+            tmp.write_text(json.dumps(self.state))
+            os.replace(tmp, self.directory / f'{self.name}_state.json')
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 class MiningRefresh(keras.callbacks.Callback):

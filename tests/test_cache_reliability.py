@@ -341,3 +341,24 @@ def test_fuzz_battery_through_the_cache_build(tmp_path, librispeech_dir, copy_li
     assert len(cached) + len(reasons) == len(must_skip) + len(either) + len(good)
     assert temp_files(working_dir) == []
     assert os.path.getsize(working_dir / 'skipped-files.txt') > 0
+
+
+def test_a_checkpoint_that_cannot_be_written_names_it_and_leaves_no_file(tmp_path):
+    import keras
+
+    from conv_models import CheckpointError
+    from train import AtomicCheckpoint
+    model = keras.Sequential([keras.Input((256,)), keras.layers.Dense(256)])  # 257 KB of weights.
+    checkpoint = AtomicCheckpoint(tmp_path, 'M', 'loss', 'min')
+    checkpoint.set_model(model)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))  # this process's writes past 64 KB fail (EFBIG).
+    try:
+        with pytest.raises(CheckpointError, match=rf'{tmp_path / "M_last.keras"}: cannot be written .*free disk'):
+            checkpoint.save('M_last.keras', {'epoch': 1})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert list(tmp_path.iterdir()) == []
+    checkpoint.save('M_last.keras', {'epoch': 1})  # space freed: the same save goes through.
+    restored = keras.saving.load_model(tmp_path / 'M_last.keras')
+    np.testing.assert_array_equal(restored.get_weights()[0], model.get_weights()[0])
