@@ -303,9 +303,9 @@ class Audio:
     Names (see cache_name): the speaker is the first folder under --audio_dir; the utterance is the path under it,
     extension kept, '/' written %2F (and '%', '~', a leading '.' escaped the same way), so no two files share a
     name: `1688/142285/1688-142285-0002.flac` -> `1688/142285%2F1688-142285-0002.flac.npy`, `alice/utt0.wav` ->
-    `alice/utt0.wav.npy`. The file `cache-format` records this scheme. A cache of an earlier version (named by file
-    stem, which lost same-named utterances of one speaker) is still read as it is, but not added to: building
-    into it is refused with the fix (delete it and build again).
+    `alice/utt0.wav.npy`. The file `cache-format` records this scheme. A cache of the earlier version (named by file
+    stem, which lost same-named utterances of one speaker) is still read as it is; building into it first renames
+    its files to this scheme (see _upgrade_earlier_cache), so nothing is computed again but the lost utterances.
     """
 
     def __init__(self, cache_dir: str, audio_dir: str | None = None, sample_rate: int = SAMPLE_RATE,
@@ -330,8 +330,9 @@ class Audio:
             index[cache_file.parent.name][cache_file.stem] = cache_file
         return dict(index)
 
-    def _prepare_cache_dir(self) -> None:
-        """Creates the cache directory with its format file; refuses a cache of another naming scheme."""
+    def _prepare_cache_dir(self, files: list[Path], audio_dir: Path) -> None:
+        """Creates the cache directory with its format file, or upgrades a cache of the earlier naming; refuses a
+        cache of an unknown format."""
         format_file = self.cache_dir / CACHE_FORMAT_FILE
         if format_file.exists():
             if (found := format_file.read_text().strip()) != CACHE_FORMAT:
@@ -339,10 +340,49 @@ class Audio:
                                  f'build into another --working_dir or delete {self.cache_dir}.')
             return
         if self.cached_files():
-            raise CacheError(f'{self.cache_dir}: built by an earlier deep-speaker (files named by stem, which lost '
-                             f'same-named utterances); delete {self.cache_dir} and run build-mfcc-cache again.')
+            self._upgrade_earlier_cache(files, audio_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         format_file.write_text(CACHE_FORMAT + '\n')
+
+    def _upgrade_earlier_cache(self, files: list[Path], audio_dir: Path) -> None:
+        """Renames the files of a cache of the earlier naming (`<speaker>/<stem>.npy`, the speaker being the folder
+        above the file, or the one above that) to this version's names, augmented copies included. A file whose
+        stem several audio files share is deleted (which of them it holds is unknown) and computed again. Refuses,
+        changing nothing, when some cached file has no audio file under `audio_dir`."""
+        earlier: dict[tuple[str, str], list[Path]] = defaultdict(list)
+        current = set()
+        for audio_file in (f for f in files if f.parent != audio_dir):
+            depth = len(audio_file.relative_to(audio_dir).parts) - 1
+            earlier[(audio_file.parent.name if depth == 1 else audio_file.parent.parent.name, audio_file.stem)].append(
+                audio_file)
+            current.add(cache_name(audio_file, audio_dir))
+        moves, ambiguous, unknown = [], [], []
+        for cache_file in self.cached_files():
+            speaker, speed_mark, speed = cache_file.parent.name.partition(AUGMENTED_MARK)
+            utterance, noise_mark, noise = cache_file.stem.partition(AUGMENTED_MARK)
+            sources = earlier.get((speaker, utterance), [])
+            if (speaker, utterance) in current:  # renamed by an upgrade that was interrupted.
+                continue
+            if len(sources) == 1:
+                new_speaker, new_utterance = cache_name(sources[0], audio_dir)
+                moves.append((cache_file, self.cache_dir / f'{new_speaker}{speed_mark}{speed}' /
+                              f'{new_utterance}{noise_mark}{noise}.npy'))
+            else:
+                (ambiguous if sources else unknown).append(cache_file)
+        if unknown:
+            raise CacheError(f'{self.cache_dir}: built by an earlier deep-speaker, and {len(unknown)} of its files '
+                             f'(e.g. {unknown[0].name}) have no audio file under --audio_dir {audio_dir} to be renamed '
+                             f'after; use the --audio_dir it was built from, or delete {self.cache_dir}.')
+        for cache_file, target in moves:
+            target.parent.mkdir(exist_ok=True)
+            os.replace(cache_file, target)
+        for cache_file in ambiguous:
+            cache_file.unlink()
+        for folder in self.cache_dir.iterdir():
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        logger.info('Upgraded a cache of the earlier naming: %d files renamed, %d shared by same-named utterances '
+                    'deleted (computed again).', len(moves), len(ambiguous))
 
     def remove_damaged(self) -> int:
         """Deletes every cached array that does not read back whole (see checked_features); returns how many."""
@@ -373,7 +413,7 @@ class Audio:
         if not files:
             raise FileNotFoundError(f'--audio_dir {audio_dir}: no .flac or .wav files; expected '
                                     f'speaker/chapter/utterance.flac (LibriSpeech) or speaker/utterance.wav.')
-        self._prepare_cache_dir()
+        self._prepare_cache_dir(files, audio_dir)
         if removed := remove_orphan_temp_files(self.cache_dir, '*/.*.tmp.npy'):
             logger.info('Removed %d temporary files of an interrupted build.', removed)
         if verify:

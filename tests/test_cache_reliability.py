@@ -99,17 +99,44 @@ def test_same_named_utterances_of_real_layouts_are_all_cached_apart(tmp_path, li
         cache.speakers_to_utterances['plain'])
 
 
-def test_a_cache_of_the_earlier_naming_is_read_but_not_built_into(tmp_path, copy_librispeech):
+def test_a_cache_of_the_earlier_naming_is_read_then_upgraded_by_renaming(tmp_path, copy_librispeech,
+                                                                          librispeech_dir):
     audio_dir, working_dir = tmp_path / 'audio', tmp_path / 'wd'
-    files = copy_librispeech(audio_dir, UTTERANCES[:4])
-    for f in files:  # what the earlier version wrote: <speaker>/<stem>.npy, no cache-format file.
-        (working_dir / 'audio-fbanks' / f.parts[-3]).mkdir(parents=True, exist_ok=True)
-        np.save(working_dir / 'audio-fbanks' / f.parts[-3] / f'{f.stem}.npy', audio.read_mfcc(str(f)))
-    before = sorted(p.name for p in (working_dir / 'audio-fbanks').rglob('*'))
-    assert audio.Audio(str(working_dir)).speaker_ids == ['1688', '3005']
-    result = cli('build-mfcc-cache', '--working_dir', working_dir, '--audio_dir', audio_dir)
-    assert_one_line_error(result, str(working_dir / 'audio-fbanks'), 'earlier', 'delete')
-    assert sorted(p.name for p in (working_dir / 'audio-fbanks').rglob('*')) == before
+    fbanks = working_dir / 'audio-fbanks'
+    files = copy_librispeech(audio_dir, UTTERANCES[:3])
+    voxceleb = write_tree(audio_dir, librispeech_dir, {'id10001/1zcIwhmdeo4/00001.wav': UTTERANCES[3],
+                                                       'id10001/7gWzIy6yIIk/00001.wav': UTTERANCES[4]})
+    # What the earlier version wrote: <speaker>/<stem>.npy, copies <speaker>~sp0.9/<stem>.npy and
+    # <speaker>/<stem>~noise0.npy, one file for the two 00001.wav, and no cache-format file.
+    earlier = {f'{f.parts[-3]}/{f.stem}.npy': audio.read_mfcc(str(f)) for f in files}
+    earlier['1688~sp0.9/1688-142285-0002.npy'] = earlier['1688/1688-142285-0002~noise0.npy'] = np.ones((9, 64),
+                                                                                                        np.float32)
+    earlier['id10001/00001.npy'] = audio.read_mfcc(str(list(voxceleb)[1]))
+    for name, features in earlier.items():
+        (fbanks / name).parent.mkdir(parents=True, exist_ok=True)
+        np.save(fbanks / name, features)
+    inodes = {name: (fbanks / name).stat().st_ino for name in earlier}
+    assert audio.Audio(str(working_dir)).speaker_ids == ['1688', '1688~sp0.9', '3005', 'id10001']  # read as it is.
+    # A tree that lacks some cached file's audio: refused, nothing changed.
+    partial = tmp_path / 'partial'
+    copy_librispeech(partial, UTTERANCES[:1])
+    result = cli('build-mfcc-cache', '--working_dir', working_dir, '--audio_dir', partial)
+    assert_one_line_error(result, str(fbanks), 'earlier', '--audio_dir', 'delete')
+    assert {name: (fbanks / name).stat().st_ino for name in earlier} == inodes
+    # The tree it was built from: renamed, not computed again, except the file the two 00001.wav shared.
+    result = cli('build-mfcc-cache', '--working_dir', working_dir, '--audio_dir', audio_dir, '--workers', WORKERS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    renamed = {f'{f.parts[-3]}/{f.stem}.npy': f'{f.parts[-3]}/{f.parts[-2]}%2F{f.name}.npy' for f in files}
+    renamed['1688~sp0.9/1688-142285-0002.npy'] = '1688~sp0.9/142285%2F1688-142285-0002.flac.npy'
+    renamed['1688/1688-142285-0002~noise0.npy'] = '1688/142285%2F1688-142285-0002.flac~noise0.npy'
+    for old, new in renamed.items():
+        assert (fbanks / new).stat().st_ino == inodes[old], new
+        np.testing.assert_array_equal(np.load(fbanks / new), earlier[old])
+    assert sorted(str(p.relative_to(fbanks)) for p in fbanks.glob('*/*.npy')) == sorted(
+        [*renamed.values(), 'id10001/1zcIwhmdeo4%2F00001.wav.npy', 'id10001/7gWzIy6yIIk%2F00001.wav.npy'])
+    for wav in voxceleb:
+        cached = fbanks / 'id10001' / f'{wav.parent.name}%2F{wav.name}.npy'
+        np.testing.assert_array_equal(np.load(cached), audio.read_mfcc(str(wav)))
 
 
 def test_a_missing_audio_dir_creates_nothing(tmp_path):
