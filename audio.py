@@ -352,9 +352,9 @@ class Audio:
         earlier: dict[tuple[str, str], list[Path]] = defaultdict(list)
         current = set()
         for audio_file in (f for f in files if f.parent != audio_dir):
-            depth = len(audio_file.relative_to(audio_dir).parts) - 1
-            earlier[(audio_file.parent.name if depth == 1 else audio_file.parent.parent.name, audio_file.stem)].append(
-                audio_file)
+            in_speaker_folder = audio_file.parent.parent == audio_dir
+            earlier_speaker = audio_file.parent.name if in_speaker_folder else audio_file.parent.parent.name
+            earlier[(earlier_speaker, audio_file.stem)].append(audio_file)
             current.add(cache_name(audio_file, audio_dir))
         moves, ambiguous, unknown = [], [], []
         for cache_file in self.cached_files():
@@ -367,8 +367,10 @@ class Audio:
                 new_speaker, new_utterance = cache_name(sources[0], audio_dir)
                 moves.append((cache_file, self.cache_dir / f'{new_speaker}{speed_mark}{speed}' /
                               f'{new_utterance}{noise_mark}{noise}.npy'))
+            elif sources:
+                ambiguous.append(cache_file)
             else:
-                (ambiguous if sources else unknown).append(cache_file)
+                unknown.append(cache_file)
         if unknown:
             raise CacheError(f'{self.cache_dir}: built by an earlier deep-speaker, and {len(unknown)} of its files '
                              f'(e.g. {unknown[0].name}) have no audio file under --audio_dir {audio_dir} to be renamed '
@@ -391,7 +393,7 @@ class Audio:
             try:
                 checked_features(cache_file)
             except CacheError as e:
-                logger.warning('%s Deleted; it is recomputed from its audio file.', str(e).split('; run ')[0])
+                logger.warning('%s; deleted, computed again from its audio file.', str(e).split('; run ')[0])
                 cache_file.unlink()
                 damaged += 1
         logger.info('Verified the cache: %d damaged files deleted.', damaged)
@@ -441,6 +443,7 @@ class Audio:
         finally:  # the pool's workers are gone: the temporary files of those stopped mid-write go too.
             remove_orphan_temp_files(self.cache_dir, '*/.*.tmp.npy')
         self._report_skipped(errors)
+
     def cache_path(self, speaker: str, utterance: str, variant: Augmentation | None) -> Path:
         if variant is None:
             return self.cache_dir / speaker / f'{utterance}.npy'
