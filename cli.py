@@ -77,7 +77,8 @@ def version():
 @cli.command('build-mfcc-cache')
 @working_dir_option
 @click.option('--audio_dir', required=True, type=click.Path(),
-              help='Audio tree: speaker/chapter/utterance.flac (LibriSpeech) or speaker/utterance.wav.')
+              help='Audio tree: a folder per speaker, files at any depth in it: speaker/chapter/utterance.flac '
+                   '(LibriSpeech), speaker/video/utterance.wav (VoxCeleb) or speaker/utterance.wav.')
 @click.option('--sample_rate', default=SAMPLE_RATE, show_default=True, type=int, help='Rate audio is resampled to.')
 @click.option('--workers', default=None, type=click.IntRange(min=1), help='Processes [default: all cores].')
 @click.option('--speed_perturb', is_flag=True,
