@@ -17,7 +17,16 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from constants import AUDIO_EXTENSIONS, AUGMENTED_MARK, SAMPLE_RATE, SPEED_FACTORS
+from constants import (
+    AUDIO_EXTENSIONS,
+    AUGMENTED_MARK,
+    CACHE_FORMAT,
+    CACHE_FORMAT_FILE,
+    NUM_FBANKS,
+    SAMPLE_RATE,
+    SPEED_FACTORS,
+    VERIFY_BLOCK_FRAMES,
+)
 from features import AudioError as AudioError
 from features import fbank as fbank
 from features import frame_length as frame_length
@@ -97,10 +106,42 @@ def find_audio_files(audio_dir: str) -> list[Path]:
     return sorted(p for p in Path(audio_dir).rglob('*') if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
 
 
-def speaker_of(audio_file: Path, audio_dir: Path) -> str:
-    """The speaker folder of a file: `speaker/chapter/utt.flac` (LibriSpeech) or `speaker/utt.wav`."""
-    depth = len(audio_file.relative_to(audio_dir).parts) - 1
-    return audio_file.parent.name if depth == 1 else audio_file.parent.parent.name
+def escape_name(text: str) -> str:
+    """`text` with '%', '/', '\\', the augmentation mark '~' and a leading '.' percent-encoded (as %25, %2F, ...):
+    a one-to-one map (urllib.parse.unquote inverts it) onto names with no path separator, no augmentation mark
+    and no leading dot (the mark of temporary files)."""
+    escaped = ''.join(f'%{ord(c):02X}' if c in f'%/\\{AUGMENTED_MARK}' else c for c in text)
+    return f'%2E{escaped[1:]}' if escaped.startswith('.') else escaped
+
+
+def cache_name(audio_file: Path, audio_dir: Path) -> tuple[str, str]:
+    """(speaker, utterance) of a file under `audio_dir`: the speaker is the first folder under `audio_dir`, the
+    utterance the rest of the path, extension kept, both escaped: `id10001/1zcIwhmdeo4/00001.wav` ->
+    ('id10001', '1zcIwhmdeo4%2F00001.wav'). Two files never share a name."""
+    speaker, *rest = audio_file.relative_to(audio_dir).parts
+    return escape_name(speaker), escape_name('/'.join(rest))
+
+
+class CacheError(OSError):
+    """A cache that cannot be written or read back; the message names the file and the fix."""
+
+
+def checked_features(path: Path) -> np.ndarray:
+    """The cached features of `path`, memory-mapped: float32, shape (frames >= 1, NUM_FBANKS), all finite.
+    Raises CacheError naming a damaged file (truncated, not an array, wrong shape or dtype, NaN)."""
+    try:
+        features = np.load(path, mmap_mode='r', allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:
+        raise CacheError(f'{path}: damaged cache file (not a whole .npy array: {e}); run build-mfcc-cache '
+                         f'--verify to rebuild it.') from None
+    if features.dtype != np.float32 or features.ndim != 2 or features.shape[1] != NUM_FBANKS or not len(features):
+        raise CacheError(f'{path}: damaged cache file ({features.dtype} array of shape {features.shape}, expected '
+                         f'float32 (frames, {NUM_FBANKS})); run build-mfcc-cache --verify to rebuild it.')
+    for start in range(0, len(features), VERIFY_BLOCK_FRAMES):
+        if not np.isfinite(features[start:start + VERIFY_BLOCK_FRAMES]).all():
+            raise CacheError(f'{path}: damaged cache file (NaN or infinite values); run build-mfcc-cache --verify '
+                             f'to rebuild it.')
+    return features
 
 
 def save_npy_atomically(path: Path, array: np.ndarray) -> None:
@@ -120,55 +161,153 @@ def augmentations(speed_perturb: bool, noises: list[str], snr_range: tuple[float
     return variants
 
 
-def _cache_one(job: tuple[str, str, int, Augmentation | None]) -> str | None:
-    """Pool worker: features of one file into its cache path. Returns an error message, or None on success."""
+SKIPPED, UNWRITABLE = 'skipped', 'unwritable'  # outcomes of a pool job that failed.
+
+
+def _cache_one(job: tuple[str, str, int, Augmentation | None]) -> tuple[str, str] | None:
+    """Pool worker: features of one file into its cache path. Returns None on success, else (SKIPPED, why the
+    audio file cannot become features) or (UNWRITABLE, why the cache file cannot be written)."""
     audio_file, cache_file, sample_rate, augmentation = job
     try:
-        save_npy_atomically(Path(cache_file), read_mfcc(audio_file, sample_rate, augmentation))
+        features = read_mfcc(audio_file, sample_rate, augmentation)
     except AudioError as e:
-        return str(e)
+        return SKIPPED, str(e)
+    except Exception as e:  # a decoder, resampler or noise source failing on a file must not crash the pool.
+        variant = f' ({augmentation.suffix} copy)' if augmentation else ''
+        return SKIPPED, (f'{audio_file}{variant}: unexpected {type(e).__name__} ({e}) while computing its features; '
+                         f'remove or re-encode it, or check --noise.')
+    try:
+        save_npy_atomically(Path(cache_file), features)
+    except OSError as e:
+        return UNWRITABLE, (f'{cache_file}: cannot be written ({e.strerror or e}); free disk space and run '
+                            f'build-mfcc-cache again (what is cached is kept).')
     return None
 
 
 class Audio:
-    """Per-utterance fbank cache `<working_dir>/audio-fbanks/<speaker>/<utterance>.npy` and its speaker index."""
+    """Per-utterance fbank cache `<working_dir>/audio-fbanks/<speaker>/<utterance>.npy` and its speaker index.
+
+    Names (see cache_name): the speaker is the first folder under --audio_dir; the utterance is the path under it,
+    extension kept, '/' written %2F (and '%', '~', a leading '.' escaped the same way), so no two files share a
+    name: `1688/142285/1688-142285-0002.flac` -> `1688/142285%2F1688-142285-0002.flac.npy`, `alice/utt0.wav` ->
+    `alice/utt0.wav.npy`. The file `cache-format` records this scheme. A cache of the earlier version (named by file
+    stem, which lost same-named utterances of one speaker) is still read as it is; building into it first renames
+    its files to this scheme (see _upgrade_earlier_cache), so nothing is computed again but the lost utterances.
+    """
 
     def __init__(self, cache_dir: 'str | WorkingDir', audio_dir: str | None = None, sample_rate: int = SAMPLE_RATE,
-                 workers: int | None = None, variants: list[Augmentation] = ()):
+                 workers: int | None = None, variants: list[Augmentation] = (), verify: bool = False):
         self.working_dir = WorkingDir.of(cache_dir)  # `cache_dir`, the original's name, is the working dir.
         self.cache_dir = self.working_dir.cache_dir
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         if audio_dir is not None:
             self.build_cache(Path(audio_dir).expanduser(), sample_rate, workers or os.cpu_count() or 1,
-                             [None, *variants])
+                             [None, *variants], verify)
         self.speakers_to_utterances = self._index()
 
     @property
     def speaker_ids(self) -> list[str]:
         return sorted(self.speakers_to_utterances)
 
+    def cached_files(self) -> list[Path]:
+        """Every cached array in place (temporary files left out), sorted."""
+        return sorted(p for p in self.cache_dir.glob('*/*.npy') if not p.name.startswith('.'))
+
     def _index(self) -> dict[str, dict[str, Path]]:
         index = defaultdict(dict)
-        for cache_file in sorted(self.cache_dir.glob('*/*.npy')):
-            if not cache_file.name.startswith('.'):
-                index[cache_file.parent.name][cache_file.stem] = cache_file
+        for cache_file in self.cached_files():
+            index[cache_file.parent.name][cache_file.stem] = cache_file
         return dict(index)
 
+    def _prepare_cache_dir(self, files: list[Path], audio_dir: Path) -> None:
+        """Creates the cache directory with its format file, or upgrades a cache of the earlier naming; refuses a
+        cache of an unknown format."""
+        format_file = self.cache_dir / CACHE_FORMAT_FILE
+        if format_file.exists():
+            if (found := format_file.read_text().strip()) != CACHE_FORMAT:
+                raise CacheError(f'{self.cache_dir}: cache format {found}, this version writes {CACHE_FORMAT}; '
+                                 f'build into another --working_dir or delete {self.cache_dir}.')
+            return
+        if self.cached_files():
+            self._upgrade_earlier_cache(files, audio_dir)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        format_file.write_text(CACHE_FORMAT + '\n')
+
+    def _upgrade_earlier_cache(self, files: list[Path], audio_dir: Path) -> None:
+        """Renames the files of a cache of the earlier naming (`<speaker>/<stem>.npy`, the speaker being the folder
+        above the file, or the one above that) to this version's names, augmented copies included. A file whose
+        stem several audio files share is deleted (which of them it holds is unknown) and computed again. Refuses,
+        changing nothing, when some cached file has no audio file under `audio_dir`."""
+        earlier: dict[tuple[str, str], list[Path]] = defaultdict(list)
+        current = set()
+        for audio_file in (f for f in files if f.parent != audio_dir):
+            in_speaker_folder = audio_file.parent.parent == audio_dir
+            earlier_speaker = audio_file.parent.name if in_speaker_folder else audio_file.parent.parent.name
+            earlier[(earlier_speaker, audio_file.stem)].append(audio_file)
+            current.add(cache_name(audio_file, audio_dir))
+        moves, ambiguous, unknown = [], [], []
+        for cache_file in self.cached_files():
+            speaker, speed_mark, speed = cache_file.parent.name.partition(AUGMENTED_MARK)
+            utterance, noise_mark, noise = cache_file.stem.partition(AUGMENTED_MARK)
+            sources = earlier.get((speaker, utterance), [])
+            if (speaker, utterance) in current:  # renamed by an upgrade that was interrupted.
+                continue
+            if len(sources) == 1:
+                new_speaker, new_utterance = cache_name(sources[0], audio_dir)
+                moves.append((cache_file, self.cache_dir / f'{new_speaker}{speed_mark}{speed}' /
+                              f'{new_utterance}{noise_mark}{noise}.npy'))
+            elif sources:
+                ambiguous.append(cache_file)
+            else:
+                unknown.append(cache_file)
+        if unknown:
+            raise CacheError(f'{self.cache_dir}: built by an earlier deep-speaker, and {len(unknown)} of its files '
+                             f'(e.g. {unknown[0].name}) have no audio file under --audio_dir {audio_dir} to be renamed '
+                             f'after; use the --audio_dir it was built from, or delete {self.cache_dir}.')
+        for cache_file, target in moves:
+            target.parent.mkdir(exist_ok=True)
+            os.replace(cache_file, target)
+        for cache_file in ambiguous:
+            cache_file.unlink()
+        for folder in self.cache_dir.iterdir():
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        logger.info('Upgraded a cache of the earlier naming: %d files renamed, %d shared by same-named utterances '
+                    'deleted (computed again).', len(moves), len(ambiguous))
+
+    def remove_damaged(self) -> int:
+        """Deletes every cached array that does not read back whole (see checked_features); returns how many."""
+        damaged = 0
+        for cache_file in tqdm(self.cached_files(), desc='Verifying fbank cache', unit='file'):
+            try:
+                checked_features(cache_file)
+            except CacheError as e:
+                logger.warning('%s; deleted, computed again from its audio file.', str(e).split('; run ')[0])
+                cache_file.unlink()
+                damaged += 1
+        logger.info('Verified the cache: %d damaged files deleted.', damaged)
+        return damaged
+
     def build_cache(self, audio_dir: Path, sample_rate: int, workers: int,
-                    variants: list[Augmentation | None]) -> None:
-        """Caches every file of `audio_dir` not cached yet, in parallel; bad files are skipped and reported.
+                    variants: list[Augmentation | None], verify: bool = False) -> None:
+        """Caches every file of `audio_dir` not cached yet, in parallel; bad files are skipped and reported. With
+        `verify`, damaged cached arrays are deleted first, so they are recomputed. Nothing is created when
+        `audio_dir` has no audio; a cache file that cannot be written (full disk) stops the build with a
+        CacheError naming it, leaving every finished file in place and no temporary file.
 
         Each variant (None: the clean file) is cached too: a speed change under the speaker `<speaker>~sp<f>`,
         noise as the utterance `<utterance>~noise<i>` of the same speaker.
         """
         if not audio_dir.is_dir():
             raise FileNotFoundError(f'--audio_dir {audio_dir}: no such directory.')
-        if removed := remove_orphan_temp_files(self.cache_dir, '*/.*.tmp.npy'):
-            logger.info('Removed %d temporary files of an interrupted build.', removed)
         files = find_audio_files(str(audio_dir))
         if not files:
             raise FileNotFoundError(f'--audio_dir {audio_dir}: no .flac or .wav files; expected '
                                     f'speaker/chapter/utterance.flac (LibriSpeech) or speaker/utterance.wav.')
+        self._prepare_cache_dir(files, audio_dir)
+        if removed := remove_orphan_temp_files(self.cache_dir, '*/.*.tmp.npy'):
+            logger.info('Removed %d temporary files of an interrupted build.', removed)
+        if verify:
+            self.remove_damaged()
         jobs, errors = [], []
         for audio_file in files:
             if audio_file.parent == audio_dir:
@@ -176,16 +315,21 @@ class Audio:
                               f'speaker/chapter/utterance.flac under --audio_dir.')
                 continue
             for variant in variants:
-                target = self.cache_path(speaker_of(audio_file, audio_dir), audio_file.stem, variant)
+                target = self.cache_path(*cache_name(audio_file, audio_dir), variant)
                 if not target.exists():
                     target.parent.mkdir(exist_ok=True)
                     jobs.append((str(audio_file), str(target), sample_rate, variant))
         logger.info('%d audio files, %d to compute.', len(files), len(jobs))
-        with get_context('spawn').Pool(workers) as pool:
-            results = pool.imap_unordered(_cache_one, jobs, chunksize=max(1, len(jobs) // (workers * 16)))
-            for error in tqdm(results, total=len(jobs), desc='Building fbank cache', unit='file'):
-                if error is not None:
-                    errors.append(error)
+        try:
+            with get_context('spawn').Pool(workers) as pool:
+                results = pool.imap_unordered(_cache_one, jobs, chunksize=max(1, len(jobs) // (workers * 16)))
+                for failure in tqdm(results, total=len(jobs), desc='Building fbank cache', unit='file'):
+                    if failure is not None and failure[0] == UNWRITABLE:
+                        raise CacheError(failure[1])
+                    if failure is not None:
+                        errors.append(failure[1])
+        finally:  # the pool's workers are gone: the temporary files of those stopped mid-write go too.
+            remove_orphan_temp_files(self.cache_dir, '*/.*.tmp.npy')
         self._report_skipped(errors)
 
     def cache_path(self, speaker: str, utterance: str, variant: Augmentation | None) -> Path:

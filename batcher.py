@@ -12,7 +12,7 @@ import dill
 import numpy as np
 from tqdm import tqdm
 
-from audio import Audio
+from audio import Audio, CacheError, checked_features
 from constants import (
     AUGMENTED_MARK,
     COUNTS_PER_SPEAKER,
@@ -49,8 +49,8 @@ def sample_from_mfcc(mfcc: np.ndarray, max_length: int, rng: np.random.Generator
 
 
 def load_source(source: Source) -> np.ndarray:
-    """The frames of a source, memory-mapped: shape (frames, NUM_FBANKS)."""
-    return np.load(source.path, mmap_mode='r')[source.start:source.end]
+    """The frames of a source, memory-mapped: shape (frames, NUM_FBANKS); CacheError for a damaged cache file."""
+    return checked_features(source.path)[source.start:source.end]
 
 
 def train_test_sources(utterances: list[Path], ratio: float = TRAIN_TEST_RATIO) -> tuple[list[Source], list[Source]]:
@@ -65,7 +65,7 @@ def train_test_sources(utterances: list[Path], ratio: float = TRAIN_TEST_RATIO) 
     if len(groups) == 1:
         sides = ([], [])
         for utterance in utterances:
-            split = int(len(np.load(utterance, mmap_mode='r')) * ratio)
+            split = int(len(checked_features(utterance)) * ratio)
             sides[0].append(Source(utterance, 0, split))
             sides[1].append(Source(utterance, split, None))
         return sides
@@ -137,6 +137,7 @@ class KerasFormatConverter:
         for phase, count in zip(('train', 'test'), counts_per_speaker, strict=True):
             sources = {speaker: split[phase == 'test'] for speaker, split in splits.items()}
             self.generate_per_phase(phase, sources, count, max_length, rng)
+        # For users of the original implementation only: deep-speaker never loads this pickle (unpickling runs code).
         with open(self.path('categorical_speakers.pkl'), 'wb') as w:
             dill.dump(self.categorical_speakers, w)
         self.path(INPUTS_META).write_text(json.dumps(settings))
@@ -160,10 +161,17 @@ class KerasFormatConverter:
         write_npy_atomically(self.path(f'ky_{phase}.npy'), (total,), np.int32, fill_y)
 
     def load(self, phase: str) -> tuple[np.ndarray, np.ndarray]:
-        """Memory-mapped (kx, ky) of 'train' or 'test'; NotBuiltError before generate."""
+        """Memory-mapped (kx, ky) of 'train' or 'test'; NotBuiltError before generate, CacheError for a damaged
+        file."""
         self.workdir.inputs_settings()
-        return (np.load(self.path(f'kx_{phase}.npy'), mmap_mode='r'),
-                np.load(self.path(f'ky_{phase}.npy'), mmap_mode='r'))
+        arrays = []
+        for name in (f'kx_{phase}.npy', f'ky_{phase}.npy'):
+            try:
+                arrays.append(np.load(self.path(name), mmap_mode='r', allow_pickle=False))
+            except (ValueError, EOFError, OSError) as e:
+                raise CacheError(f'{self.path(name)}: damaged model input ({e}); delete {self.output_dir} and run '
+                                 f'build-keras-inputs again.') from None
+        return arrays[0], arrays[1]
 
     @property
     def num_speakers(self) -> int:

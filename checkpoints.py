@@ -200,11 +200,16 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         return self.best is None or (value > self.best if self.mode == 'max' else value < self.best)
 
     def save(self, path: Path, state: dict | None = None) -> None:
-        with atomic_path(path, self.name) as tmp:
-            self.model.save(tmp)
-            if state is not None:
-                with zipfile.ZipFile(tmp, 'a') as archive:
-                    archive.writestr(CHECKPOINT_STATE_ENTRY, json.dumps(state))
+        """Writes the model (and `state`) to `path` atomically; CheckpointError naming it when it cannot be written."""
+        try:
+            with atomic_path(path, self.name) as tmp:
+                self.model.save(tmp)
+                if state is not None:
+                    with zipfile.ZipFile(tmp, 'a') as archive:
+                        archive.writestr(CHECKPOINT_STATE_ENTRY, json.dumps(state))
+        except OSError as e:
+            raise CheckpointError(f'{path}: cannot be written ({e.strerror or e}); free disk space and run '
+                                  f'train-model again (it resumes from the last checkpoint).') from None
 
     def counters(self) -> dict:
         return {type(c).__name__: {'wait': int(c.wait), 'best': float(c.best)} for c in self.counted}

@@ -101,7 +101,8 @@ def version():
 @cli.command('build-mfcc-cache')
 @working_dir_option
 @click.option('--audio_dir', required=True, type=click.Path(),
-              help='Audio tree: speaker/chapter/utterance.flac (LibriSpeech) or speaker/utterance.wav.')
+              help='Audio tree: a folder per speaker, files at any depth in it: speaker/chapter/utterance.flac '
+                   '(LibriSpeech), speaker/video/utterance.wav (VoxCeleb) or speaker/utterance.wav.')
 @click.option('--sample_rate', default=SAMPLE_RATE, show_default=True, type=int, help='Rate audio is resampled to.')
 @click.option('--workers', default=None, type=click.IntRange(min=1), help='Processes [default: all cores].')
 @click.option('--speed_perturb', is_flag=True,
@@ -110,7 +111,9 @@ def version():
                                          'pink, or a directory of noise files (e.g. MUSAN noise).')
 @click.option('--snr_range', default=','.join(f'{x:g}' for x in SNR_RANGE_DB), show_default=True,
               help='Range of the noise copies\' signal-to-noise ratio in dB, "LOW,HIGH".')
-def build_mfcc_cache(working_dir, audio_dir, sample_rate, workers, speed_perturb, noise, snr_range):
+@click.option('--verify', is_flag=True, help='First check every cached array; delete the damaged ones (listed in '
+                                             'the log), so they are recomputed from --audio_dir.')
+def build_mfcc_cache(working_dir, audio_dir, sample_rate, workers, speed_perturb, noise, snr_range, verify):
     """Caches the normalised fbank of every utterance in WORKING_DIR/audio-fbanks (resumable); augmented copies
     with --speed_perturb and --noise (off by default)."""
     from audio import Audio, augmentations
@@ -122,7 +125,7 @@ def build_mfcc_cache(working_dir, audio_dir, sample_rate, workers, speed_perturb
                            lambda values: len(values) == 2 and values[0] <= values[1]))
     try:
         audio = Audio(WorkingDir.of(working_dir), audio_dir=audio_dir, sample_rate=sample_rate, workers=workers,
-                      variants=augmentations(speed_perturb, noises, snr))
+                      variants=augmentations(speed_perturb, noises, snr), verify=verify)
     except OSError as e:
         fail(os_error_message(e))
     num_utterances = sum(len(u) for u in audio.speakers_to_utterances.values())
@@ -188,10 +191,10 @@ def train_model(working_dir, pre_training_phase, epochs, steps_per_epoch, batch_
                          refresh_every=refresh_every)
     try:
         best = (train_softmax if pre_training_phase else train_triplet)(config)
-    except FileNotFoundError as e:
-        fail(os_error_message(e))
     except CheckpointError as e:
         fail(str(e))
+    except OSError as e:
+        fail(os_error_message(e))
     logger.info('Best checkpoint: %s', best)
 
 
@@ -226,8 +229,10 @@ def test_model(working_dir, checkpoint_file, model, width, seed):
     checkpoint_file = checkpoint_file or str(WorkingDir.of(working_dir).best_checkpoint('triplet', MODELS[model].name))
     try:
         fm, tpr, acc, eer = eval_model(working_dir, build_model(checkpoint_file, model, width), seed)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, ValueError) as e:
         fail(str(e))
+    except OSError as e:
+        fail(os_error_message(e))
     click.echo(f'f-measure = {fm:.4f}, true positive rate = {tpr:.4f}, accuracy = {acc:.4f}, '
                f'equal error rate = {eer:.4f}')
 

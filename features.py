@@ -16,6 +16,7 @@ from constants import (
     FBANK_BLOCK_FRAMES,
     FRAME_LENGTH_S,
     FRAME_STEP_S,
+    MIN_FILE_SAMPLE_RATE,
     NFFT,
     NORMALIZE_EPSILON,
     NUM_FBANKS,
@@ -53,6 +54,10 @@ def read_audio(path: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         audio, file_rate = sf.read(path, dtype='float32', always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise AudioError(f'{path}: not a readable wav/flac file ({e}); remove or re-encode it.') from None
+    except MemoryError:  # soundfile allocates the length the header declares before decoding.
+        raise AudioError(f'{path}: declares more samples than memory holds; re-encode it.') from None
+    if file_rate < MIN_FILE_SAMPLE_RATE:
+        raise AudioError(f'{path}: declares {file_rate} Hz, below {MIN_FILE_SAMPLE_RATE} Hz; re-encode it.')
     return resample(audio.mean(axis=1), file_rate, sample_rate)
 
 

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from audio import Audio
+from audio import Audio, checked_features
 from batcher import Source, load_source, sample_from_mfcc, train_test_sources
 from constants import AUGMENTED_MARK, DCF_P_TARGET, NUM_FRAMES, NUM_NEGATIVE_SPEAKERS
 from conv_models import SpeakerModel
@@ -34,7 +34,7 @@ def anchor_and_positive(test_sources: list[Source], rng: np.random.Generator) ->
         first, second = rng.choice(len(test_sources), size=2, replace=False)
         return test_sources[first], test_sources[second]
     path, start, end = test_sources[0]
-    end = len(np.load(path, mmap_mode='r')) if end is None else end
+    end = len(checked_features(path)) if end is None else end
     middle = (start + end) // 2
     return Source(path, start, middle), Source(path, middle, end)
 

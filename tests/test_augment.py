@@ -242,13 +242,14 @@ def test_cache_holds_speed_speakers_and_noisy_utterances(augmented_cache):
     speakers = ['3005', '367']
     expected = set()
     for f in files:
-        speaker, stem = f.name.split('-')[0], f.stem
-        expected |= {f'{speaker}/{stem}.npy', f'{speaker}/{stem}~noise0.npy', f'{speaker}~sp0.9/{stem}.npy',
-                     f'{speaker}~sp1.1/{stem}.npy'}
-    assert {str(p.relative_to(fbanks)) for p in fbanks.rglob('*') if p.is_file()} == expected
+        speaker, name = f.name.split('-')[0], f'{f.parent.name}%2F{f.name}'
+        expected |= {f'{speaker}/{name}.npy', f'{speaker}/{name}~noise0.npy', f'{speaker}~sp0.9/{name}.npy',
+                     f'{speaker}~sp1.1/{name}.npy'}
+    assert {str(p.relative_to(fbanks)) for p in fbanks.rglob('*.npy')} == expected
     assert cache.speaker_ids == sorted(speakers + [f'{s}~sp{f}' for s in speakers for f in (0.9, 1.1)])
-    assert sorted(cache.speakers_to_utterances['3005']) == ['3005-163389-0004', '3005-163389-0004~noise0',
-                                                            '3005-163389-0007', '3005-163389-0007~noise0']
+    assert sorted(cache.speakers_to_utterances['3005']) == [
+        '163389%2F3005-163389-0004.flac', '163389%2F3005-163389-0004.flac~noise0',
+        '163389%2F3005-163389-0007.flac', '163389%2F3005-163389-0007.flac~noise0']
     assert not (cache_dir / 'skipped-files.txt').exists()
 
 
@@ -256,7 +257,7 @@ def test_cached_variants_equal_read_mfcc_with_the_augmentation(augmented_cache):
     _, cache_dir, files, variants, cache = augmented_cache
     fbanks = cache_dir / 'audio-fbanks'
     audio_file = files[0]
-    speaker, stem = audio_file.name.split('-')[0], audio_file.stem
+    speaker, stem = audio_file.name.split('-')[0], f'{audio_file.parent.name}%2F{audio_file.name}'
     clean = np.load(fbanks / speaker / f'{stem}.npy')
     noisy = np.load(fbanks / speaker / f'{stem}~noise0.npy')
     assert noisy.shape == clean.shape and noisy.dtype == np.float32
@@ -273,7 +274,7 @@ def test_rebuilding_the_augmented_cache_does_no_work(augmented_cache):
     audio_dir, cache_dir, _, variants, _ = augmented_cache
     files = sorted(p for p in (cache_dir / 'audio-fbanks').rglob('*') if p.is_file())
     before = stamps(files)
-    assert len(before) == 16
+    assert len(before) == 16 + 1  # and the cache-format file.
     again = audio.Audio(str(cache_dir), str(audio_dir), workers=WORKERS, variants=variants)
     assert stamps(sorted(p for p in (cache_dir / 'audio-fbanks').rglob('*') if p.is_file())) == before
     assert sum(len(u) for u in again.speakers_to_utterances.values()) == 16

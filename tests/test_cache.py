@@ -17,7 +17,7 @@ SPEAKERS = ['1688', '3005', '367']
 
 
 def cache_files(cache_dir: Path) -> list[Path]:
-    return sorted(p for p in (cache_dir / 'audio-fbanks').rglob('*') if p.is_file())
+    return sorted((cache_dir / 'audio-fbanks').rglob('*.npy'))
 
 
 def stamps(paths: list[Path]) -> dict[Path, tuple[int, int]]:
@@ -25,9 +25,14 @@ def stamps(paths: list[Path]) -> dict[Path, tuple[int, int]]:
     return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in paths}
 
 
+def utterance_name(audio_file: Path) -> str:
+    """LibriSpeech speaker/chapter/utt.flac: the utterance is cached as 'chapter%2Futt.flac'."""
+    return f'{audio_file.parent.name}%2F{audio_file.name}'
+
+
 def expected_cache_path(cache_dir: Path, audio_file: Path) -> Path:
     speaker = audio_file.name.split('-')[0]
-    return cache_dir / 'audio-fbanks' / speaker / f'{audio_file.stem}.npy'
+    return cache_dir / 'audio-fbanks' / speaker / f'{utterance_name(audio_file)}.npy'
 
 
 @pytest.fixture(scope='module')
@@ -55,7 +60,7 @@ def test_speaker_index(built):
     expected = {}
     for audio_file in files:
         speaker = audio_file.name.split('-')[0]
-        expected.setdefault(speaker, {})[audio_file.stem] = expected_cache_path(cache_dir, audio_file)
+        expected.setdefault(speaker, {})[utterance_name(audio_file)] = expected_cache_path(cache_dir, audio_file)
     assert cache.speakers_to_utterances == expected
     # Reading the cache without an audio_dir gives the same index.
     assert audio.Audio(str(cache_dir)).speakers_to_utterances == expected
@@ -91,7 +96,7 @@ def test_resume_recreates_only_the_missing_file(tmp_path, copy_librispeech):
     assert victim.exists()
     np.testing.assert_array_equal(np.load(victim), audio.read_mfcc(str(files[2])))
     assert stamps(list(others)) == others
-    assert files[2].stem in cache.speakers_to_utterances['3005']
+    assert utterance_name(files[2]) in cache.speakers_to_utterances['3005']
 
 
 def test_plain_speaker_utterance_wav_layout(tmp_path, librispeech_dir):
@@ -108,10 +113,10 @@ def test_plain_speaker_utterance_wav_layout(tmp_path, librispeech_dir):
             written[target] = librispeech_dir / spk / chapter / f'{name}.flac'
     cache = audio.Audio(str(cache_dir), str(audio_dir), workers=WORKERS)
     assert cache.speaker_ids == ['alice', 'bob']
-    assert sorted(cache.speakers_to_utterances['alice']) == ['utt0', 'utt1']
-    assert sorted(cache.speakers_to_utterances['bob']) == ['utt0']
+    assert sorted(cache.speakers_to_utterances['alice']) == ['utt0.wav', 'utt1.wav']
+    assert sorted(cache.speakers_to_utterances['bob']) == ['utt0.wav']
     for wav, flac in written.items():
-        cached = np.load(cache_dir / 'audio-fbanks' / wav.parent.name / f'{wav.stem}.npy')
+        cached = np.load(cache_dir / 'audio-fbanks' / wav.parent.name / f'{wav.name}.npy')
         # Same 16-bit samples as the LibriSpeech flac: same features.
         np.testing.assert_array_equal(cached, audio.read_mfcc(str(flac)))
 
@@ -123,7 +128,7 @@ def test_bad_file_is_skipped_and_reported(tmp_path, copy_librispeech):
     bad.write_text('not audio at all\n' * 20)
     cache = audio.Audio(str(cache_dir), str(audio_dir), workers=WORKERS)
     assert cache_files(cache_dir) == sorted(expected_cache_path(cache_dir, f) for f in files)
-    assert '1688-142285-9999' not in cache.speakers_to_utterances['1688']
+    assert utterance_name(bad) not in cache.speakers_to_utterances['1688']
     report = (cache_dir / 'skipped-files.txt').read_text().splitlines()
     assert len(report) == 1
     assert str(bad) in report[0]
