@@ -148,6 +148,8 @@ def build_keras_inputs(working_dir, counts_per_speaker, seed):
               help='Crops embedded for mining hard triplets.')
 @click.option('--refresh_every', default=MINING_REFRESH_EVERY, show_default=True, type=click.IntRange(min=1),
               help='Batches between two re-embeddings of the mining history.')
+@click.option('--inference_batch', default=None, type=click.IntRange(min=1),
+              help='Crops per forward pass of a history refresh [default: --batch_size]; lower it to save memory.')
 @model_option
 @width_option
 @click.option('--tdnn_layers', default=None,
@@ -158,7 +160,8 @@ def build_keras_inputs(working_dir, counts_per_speaker, seed):
 @click.option('--bn_before_relu', is_flag=True, help='TDNN: batch norm before each ReLU instead of after it.')
 @seed_option
 def train_model(working_dir, pre_training_phase, epochs, steps_per_epoch, batch_size, learning_rate, triplet_mining,
-                history_size, refresh_every, model, width, tdnn_layers, dropout, bn_before_relu, seed):
+                history_size, refresh_every, inference_batch, model, width, tdnn_layers, dropout, bn_before_relu,
+                seed):
     """Trains one phase; checkpoints go to WORKING_DIR/checkpoints-softmax or checkpoints-triplets. The triplet
     phase takes its architecture from the softmax checkpoint when there is one."""
     options = tdnn_options(tdnn_layers, dropout, bn_before_relu)
@@ -173,7 +176,7 @@ def train_model(working_dir, pre_training_phase, epochs, steps_per_epoch, batch_
         else:
             best = train_triplet(working_dir, epochs, steps_per_epoch or 100, width, batch_size, seed,
                                  learning_rate or TRIPLET_LEARNING_RATE, triplet_mining, history_size, refresh_every,
-                                 model, options)
+                                 model, options, inference_batch)
     except (FileNotFoundError, CheckpointError) as e:
         fail(str(e))
     logger.info('Best checkpoint: %s', best)

@@ -51,6 +51,10 @@ REDUCE_LR_PATIENCE = 10
 REDUCE_LR_FACTOR = 0.5
 MIN_LEARNING_RATE = 1e-5
 
+# Inference (embedding.embed_crops): crops per forward pass. Evaluation and trial lists use this; the mining
+# history refresh uses the training batch (train-model --inference_batch lowers it).
+INFERENCE_BATCH_SIZE = 64
+
 # Evaluation (original protocol).
 NUM_NEGATIVE_SPEAKERS = 99
 EVAL_THRESHOLD_STEP = 0.001

@@ -13,6 +13,7 @@ from audio import Audio, read_mfcc
 from batcher import Source, load_source, sample_from_mfcc, train_test_sources
 from constants import AUGMENTED_MARK, EMBEDDING_FILES_PER_CHUNK, NUM_FRAMES, NUM_NEGATIVE_SPEAKERS, WINDOW_HOP
 from conv_models import SpeakerModel
+from embedding import embed_crops
 from eval_metrics import Metrics, evaluate
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def eval_model(working_dir: str, model: SpeakerModel, seed: int = 0,
              for s in speakers}
     pairs = [anchor_and_positive(train_test_sources(clean[s])[1], rng) for s in speakers]
     crops = np.stack([sample_from_mfcc(load_source(source), NUM_FRAMES, rng) for pair in pairs for source in pair])
-    embeddings = model.m.predict(crops, batch_size=64, verbose=0)
+    embeddings = embed_crops(model.m, crops)
     anchors, positives = embeddings[0::2], embeddings[1::2]
     sims = anchors @ positives.T
     num_speakers = len(speakers)
@@ -127,7 +128,7 @@ def embed_utterances(model: SpeakerModel, files: list[Path], crop: bool = False)
     embeddings = []
     for start in tqdm(range(0, len(files), EMBEDDING_FILES_PER_CHUNK), desc='Embedding utterances', unit='chunk'):
         windows = [utterance_windows(read_mfcc(str(f)), crop) for f in files[start:start + EMBEDDING_FILES_PER_CHUNK]]
-        window_embeddings = model.m.predict(np.concatenate(windows), batch_size=64, verbose=0)
+        window_embeddings = embed_crops(model.m, np.concatenate(windows))
         offsets = np.cumsum([0] + [len(w) for w in windows[:-1]])
         means = np.add.reduceat(window_embeddings, offsets, axis=0)
         embeddings.append(means / np.linalg.norm(means, axis=1, keepdims=True))

@@ -23,6 +23,7 @@ from constants import (
     CHECKPOINTS_TRIPLET_DIR,
     DEFAULT_TRIPLET_MINING,
     EARLY_STOPPING_PATIENCE,
+    INFERENCE_BATCH_SIZE,
     LOGS_SUBDIR,
     MIN_LEARNING_RATE,
     MINING_HISTORY_SIZE,
@@ -37,6 +38,7 @@ from constants import (
     TRIPLET_VALIDATION_BATCHES,
 )
 from conv_models import MODELS, CheckpointError, build_model
+from embedding import embed_crops
 from triplet_loss import deep_speaker_loss
 
 logger = logging.getLogger(__name__)
@@ -103,21 +105,22 @@ class AtomicCheckpoint(keras.callbacks.Callback):
 
 
 class MiningRefresh(keras.callbacks.Callback):
-    """Re-embeds the miner's history with the training model every `every` batches, in the training thread, and
-    logs the time mining takes."""
+    """Re-embeds the miner's history with the training model every `every` batches, in the training thread,
+    `inference_batch` crops at a time (embedding.embed_crops), and logs the time mining takes."""
 
-    def __init__(self, miner: HardNegativeMiner, kx: np.ndarray, every: int):
+    def __init__(self, miner: HardNegativeMiner, kx: np.ndarray, every: int,
+                 inference_batch: int = INFERENCE_BATCH_SIZE):
         super().__init__()
-        self.miner, self.kx, self.every = miner, kx, every
+        self.miner, self.kx, self.every, self.inference_batch = miner, kx, every, inference_batch
         self.step, self.refresh_seconds = 0, []
 
     def embed(self, crops: np.ndarray) -> np.ndarray:
-        return keras.ops.convert_to_numpy(self.model(crops, training=False))
+        return embed_crops(self.model, crops, self.inference_batch)
 
     def on_train_batch_begin(self, batch, logs=None):
         if self.step % self.every == 0:
             start = time.perf_counter()
-            self.miner.refresh(self.kx, self.embed)
+            self.miner.refresh(self.kx, self.embed, self.inference_batch)
             self.refresh_seconds.append(time.perf_counter() - start)
         self.step += 1
 
@@ -249,13 +252,14 @@ def train_triplet(working_dir: str, epochs: int, steps_per_epoch: int = 100, wid
                   batch_size: int = BATCH_SIZE, seed: int = 0, learning_rate: float = TRIPLET_LEARNING_RATE,
                   mining: str = DEFAULT_TRIPLET_MINING, history_size: int = MINING_HISTORY_SIZE,
                   refresh_every: int = MINING_REFRESH_EVERY, model_name: str = 'rescnn',
-                  model_options: dict | None = None) -> Path:
+                  model_options: dict | None = None, inference_batch: int | None = None) -> Path:
     """Triplet training (SGD, deep_speaker_loss) started from the best softmax checkpoint when there is one, with
     that checkpoint's architecture (else `width` and `model_options`); returns the best checkpoint's path (by
     val_loss on fixed random triplets of kx_test).
 
     mining: 'random' triplets, or 'hard' / 'semihard' negatives mined from a history of `history_size` crops
-    re-embedded every `refresh_every` batches.
+    re-embedded every `refresh_every` batches, `inference_batch` crops at a time (default `batch_size`: a
+    refresh then needs less memory than a training step, at any width).
     """
     working_dir, converter, directory = phase_inputs(working_dir, CHECKPOINTS_TRIPLET_DIR, seed)
     kx_train, ky_train = converter.load('train')
@@ -280,7 +284,7 @@ def train_triplet(working_dir: str, epochs: int, steps_per_epoch: int = 100, wid
     selector = random_triplets
     if mining != 'random':
         selector = HardNegativeMiner(ky_train, mining, min(history_size, len(ky_train)), seed + initial_epoch)
-        callbacks.append(MiningRefresh(selector, kx_train, refresh_every))
+        callbacks.append(MiningRefresh(selector, kx_train, refresh_every, inference_batch or batch_size))
     train_batcher = TripletBatcher(kx_train, ky_train, seed=seed + initial_epoch, selector=selector)
     test_batcher = TripletBatcher(kx_test, ky_test, seed=seed)
     validation = [test_batcher.get_batch(batch_size) for _ in range(TRIPLET_VALIDATION_BATCHES)]
