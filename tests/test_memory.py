@@ -80,3 +80,9 @@ def test_embed_crops_matches_predict_whatever_the_batch_and_reads_a_memory_map(m
 def test_embed_crops_of_no_crops_is_an_empty_matrix(model):
     embeddings = embed_crops(model, np.zeros((0, 160, 64, 1), dtype=np.float32))
     assert embeddings.shape == (0, 512) and embeddings.dtype == np.float32
+
+
+def test_inference_batch_must_be_positive():
+    result = subprocess.run([sys.executable, 'cli.py', 'train-model', '--inference_batch', '0'], cwd=REPO_ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and '--inference_batch' in result.stderr
