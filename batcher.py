@@ -16,7 +16,7 @@ from audio import Audio, CacheError, checked_features
 from constants import (
     AUGMENTED_MARK,
     COUNTS_PER_SPEAKER,
-    MINING_REFRESH_CHUNK,
+    INFERENCE_BATCH_SIZE,
     NUM_FBANKS,
     NUM_FRAMES,
     TRAIN_TEST_RATIO,
@@ -282,12 +282,13 @@ class HardNegativeMiner:
         self.selection_seconds: list[float] = []
 
     def refresh(self, kx: np.ndarray, embed: Callable[[np.ndarray], np.ndarray],
-                chunk: int = MINING_REFRESH_CHUNK) -> None:
-        """Re-samples and re-embeds the history; `embed` maps crops (n, 160, 64, 1) to embeddings (n, dims)."""
+                chunk: int = INFERENCE_BATCH_SIZE) -> None:
+        """Re-samples and re-embeds the history; `embed` maps crops (n, 160, 64, 1) to embeddings (n, dims). The
+        crops are read from `kx` (a memory map) `chunk` at a time: only one chunk of them is ever in memory."""
         positions = np.sort(history_sample(self.labels, self.history_size, self.rng))
-        embeddings = np.concatenate([embed(kx[part]) for part in np.array_split(positions, -(-len(positions) //
-                                                                                              chunk))])
-        self.history = (positions, embeddings.astype(np.float32), self.labels[positions])
+        embeddings = np.concatenate([embed(kx[positions[start:start + chunk]])
+                                     for start in range(0, len(positions), chunk)])
+        self.history = (positions, embeddings.astype(np.float32, copy=False), self.labels[positions])
 
     def select(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Indices into kx of n mined (anchor, positive, negative) crops."""

@@ -167,6 +167,8 @@ def build_keras_inputs(working_dir, counts_per_speaker, seed):
               help='Crops embedded for mining hard triplets.')
 @click.option('--refresh_every', default=MINING_REFRESH_EVERY, show_default=True, type=click.IntRange(min=1),
               help='Batches between two re-embeddings of the mining history.')
+@click.option('--inference_batch', default=None, type=click.IntRange(min=1),
+              help='Crops per forward pass of a history refresh [default: --batch_size]; lower it to save memory.')
 @model_option
 @width_option
 @click.option('--tdnn_layers', default=None,
@@ -177,7 +179,8 @@ def build_keras_inputs(working_dir, counts_per_speaker, seed):
 @click.option('--bn_before_relu', is_flag=True, help='TDNN: batch norm before each ReLU instead of after it.')
 @seed_option
 def train_model(working_dir, pre_training_phase, epochs, steps_per_epoch, batch_size, learning_rate, triplet_mining,
-                history_size, refresh_every, model, width, tdnn_layers, dropout, bn_before_relu, seed):
+                history_size, refresh_every, inference_batch, model, width, tdnn_layers, dropout, bn_before_relu,
+                seed):
     """Trains one phase; checkpoints go to WORKING_DIR/checkpoints-softmax or checkpoints-triplets. The triplet
     phase takes its architecture from the softmax checkpoint when there is one."""
     options = tdnn_options(tdnn_layers, dropout, bn_before_relu)
@@ -188,7 +191,7 @@ def train_model(working_dir, pre_training_phase, epochs, steps_per_epoch, batch_
     config = TrainConfig(working_dir=working_dir, epochs=epochs, steps_per_epoch=steps_per_epoch, width=width,
                          batch_size=batch_size, seed=seed, model_name=model, learning_rate=learning_rate,
                          model_options=options, mining=triplet_mining, history_size=history_size,
-                         refresh_every=refresh_every)
+                         refresh_every=refresh_every, inference_batch=inference_batch)
     try:
         best = (train_softmax if pre_training_phase else train_triplet)(config)
     except CheckpointError as e:

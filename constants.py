@@ -58,7 +58,10 @@ EARLY_STOPPING_MIN_DELTA = 0.001  # smaller changes of the monitored value are n
 DEFAULT_EPOCHS = 1000  # total epochs of a phase: early stopping ends it first.
 TRIPLET_STEPS_PER_EPOCH = 100  # batches per triplet epoch (a softmax epoch is one pass over kx_train).
 TRIPLET_PREFETCH_BATCHES = 2  # triplet batches built ahead of the training step.
-MINING_REFRESH_CHUNK = 512  # history crops embedded per forward pass in a mining refresh.
+
+# Inference (embedding.embed_crops): crops per forward pass. Evaluation and trial lists use this; the mining
+# history refresh uses the training batch (train-model --inference_batch lowers it).
+INFERENCE_BATCH_SIZE = 64
 
 # Evaluation (original protocol).
 NUM_NEGATIVE_SPEAKERS = 99
@@ -66,7 +69,6 @@ EVAL_THRESHOLD_STEP = 0.001
 
 # Evaluation on trial lists.
 WINDOW_HOP = 80  # frames between two windows of a whole-utterance embedding (50 % overlap).
-PREDICT_BATCH_SIZE = 64  # crops per forward pass at inference.
 EMBEDDING_FILES_PER_CHUNK = 32  # utterances whose windows go through one predict call.
 DCF_P_TARGET = 0.01
 

@@ -26,7 +26,6 @@ from constants import (
     EARLY_STOPPING_PATIENCE,
     MIN_LEARNING_RATE,
     MINING_HISTORY_SIZE,
-    MINING_REFRESH_CHUNK,
     MINING_REFRESH_EVERY,
     NUM_FBANKS,
     NUM_FRAMES,
@@ -50,21 +49,21 @@ CROP_SPEC = tf.TensorSpec((None, NUM_FRAMES, NUM_FBANKS, 1), tf.float32)
 
 
 class MiningRefresh(keras.callbacks.Callback):
-    """Re-embeds the miner's history with the training model every `every` batches, in the training thread, and
-    logs the time mining takes."""
+    """Re-embeds the miner's history with the training model every `every` batches, in the training thread,
+    `inference_batch` crops at a time (embedding.embed_crops), and logs the time mining takes."""
 
-    def __init__(self, miner: HardNegativeMiner, kx: np.ndarray, every: int):
+    def __init__(self, miner: HardNegativeMiner, kx: np.ndarray, every: int, inference_batch: int):
         super().__init__()
-        self.miner, self.kx, self.every = miner, kx, every
+        self.miner, self.kx, self.every, self.inference_batch = miner, kx, every, inference_batch
         self.step, self.refresh_seconds = 0, []
 
     def embed(self, crops: np.ndarray) -> np.ndarray:
-        return embed_crops(self.model, crops, MINING_REFRESH_CHUNK)
+        return embed_crops(self.model, crops, self.inference_batch)
 
     def on_train_batch_begin(self, batch, logs=None):
         if self.step % self.every == 0:
             start = time.perf_counter()
-            self.miner.refresh(self.kx, self.embed)
+            self.miner.refresh(self.kx, self.embed, self.inference_batch)
             self.refresh_seconds.append(time.perf_counter() - start)
         self.step += 1
 
@@ -138,6 +137,7 @@ class TrainConfig:
     mining: str = DEFAULT_TRIPLET_MINING  # triplet phase: 'hard', 'semihard' or 'random'.
     history_size: int = MINING_HISTORY_SIZE
     refresh_every: int = MINING_REFRESH_EVERY
+    inference_batch: int | None = None  # crops per forward pass of a history refresh; None: batch_size.
 
 
 def phase_inputs(config: TrainConfig, phase: str) -> tuple[WorkingDir, KerasFormatConverter, Path]:
@@ -186,7 +186,8 @@ def train_triplet(config: TrainConfig) -> Path:
     path (by val_loss on fixed random triplets of kx_test).
 
     config.mining: 'random' triplets, or 'hard' / 'semihard' negatives mined from a history of
-    `config.history_size` crops re-embedded every `config.refresh_every` batches.
+    `config.history_size` crops re-embedded every `config.refresh_every` batches, `config.inference_batch` crops
+    at a time (default `config.batch_size`: a refresh then needs less memory than a training step, at any width).
     """
     working_dir, converter, directory = phase_inputs(config, 'triplet')
     kx_train, ky_train = converter.load('train')
@@ -214,7 +215,8 @@ def train_triplet(config: TrainConfig) -> Path:
     if config.mining != 'random':
         selector = HardNegativeMiner(ky_train, config.mining, min(config.history_size, len(ky_train)),
                                      seed + initial_epoch)
-        callbacks.append(MiningRefresh(selector, kx_train, config.refresh_every))
+        callbacks.append(MiningRefresh(selector, kx_train, config.refresh_every,
+                                       config.inference_batch or batch_size))
     train_batcher = TripletBatcher(kx_train, ky_train, seed=seed + initial_epoch, selector=selector)
     test_batcher = TripletBatcher(kx_test, ky_test, seed=seed)
     validation = [test_batcher.get_batch(batch_size) for _ in range(TRIPLET_VALIDATION_BATCHES)]

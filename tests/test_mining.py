@@ -302,7 +302,7 @@ def test_mining_refresh_callback_embeds_the_history_with_the_model():
     kx = random_crops(labels)
     model = DeepSpeakerModel(width=0.125).m
     miner = HardNegativeMiner(labels, 'hard', history_size=6, seed=0)
-    callback = MiningRefresh(miner, kx, every=2)
+    callback = MiningRefresh(miner, kx, every=2, inference_batch=4)
     callback.set_model(model)
     for batch in range(5):
         callback.on_train_batch_begin(batch)
