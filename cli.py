@@ -85,6 +85,7 @@ def comma_list(text: str, option: str, expected: str, convert, valid) -> list:
 
 
 @click.group()
+@click.version_option(VERSION, '--version', message='%(version)s', help='Print the version and exit.')
 @click.option('--verbose', is_flag=True, help='Debug logging.')
 def cli(verbose: bool):
     """Deep Speaker: speaker embeddings with a ResCNN trained by softmax then triplet loss."""
@@ -136,19 +137,24 @@ def build_mfcc_cache(working_dir, audio_dir, sample_rate, workers, speed_perturb
 @seed_option
 def build_keras_inputs(working_dir, counts_per_speaker, seed):
     """Samples fixed-length crops per speaker into WORKING_DIR/keras-inputs (kx/ky train/test .npy)."""
-    from batcher import KerasFormatConverter
+    from batcher import InputsError, KerasFormatConverter
     counts = tuple(comma_list(counts_per_speaker, '--counts_per_speaker', 'two integers >= 2, e.g. 600,100', int,
                               lambda values: len(values) == 2 and min(values) >= 2))
     try:
         KerasFormatConverter(working_dir).generate(NUM_FRAMES, counts, seed)
     except OSError as e:
         fail(os_error_message(e))
+    except InputsError as e:
+        fail(str(e))
 
 
 @cli.command('train-model')
 @working_dir_option
 @click.option('--pre_training_phase/--no_pre_training_phase', default=False, show_default=True,
-              help='Softmax pre-training, or triplet training (initialised from the best softmax checkpoint).')
+              help='Softmax pre-training, or triplet training (initialised from the best softmax checkpoint, which '
+                   'must exist unless --from_scratch).')
+@click.option('--from_scratch', is_flag=True,
+              help='Triplet phase: start from random weights when there is no softmax checkpoint.')
 @click.option('--epochs', default=DEFAULT_EPOCHS, show_default=True, type=click.IntRange(min=1),
               help='Total epochs of the phase; a resumed run trains up to this number.')
 @click.option('--steps_per_epoch', default=None, type=click.IntRange(min=1),
@@ -173,24 +179,34 @@ def build_keras_inputs(working_dir, counts_per_speaker, seed):
               help='TDNN: dropout rate after each frame layer.')
 @click.option('--bn_before_relu', is_flag=True, help='TDNN: batch norm before each ReLU instead of after it.')
 @seed_option
-def train_model(working_dir, pre_training_phase, epochs, steps_per_epoch, batch_size, learning_rate, triplet_mining,
-                history_size, refresh_every, model, width, tdnn_layers, dropout, bn_before_relu, seed):
+def train_model(working_dir, pre_training_phase, from_scratch, epochs, steps_per_epoch, batch_size, learning_rate,
+                triplet_mining, history_size, refresh_every, model, width, tdnn_layers, dropout, bn_before_relu, seed):
     """Trains one phase; checkpoints go to WORKING_DIR/checkpoints-softmax or checkpoints-triplets. The triplet
-    phase takes its architecture from the softmax checkpoint when there is one."""
+    phase (the default) starts from the best softmax checkpoint, with its architecture. One run per phase and
+    working dir at a time."""
     options = tdnn_options(tdnn_layers, dropout, bn_before_relu)
     if options and model != 'tdnn':
         fail(f'--tdnn_layers, --dropout and --bn_before_relu are options of --model tdnn, not --model {model}.')
+    from batcher import InputsError
     from checkpoints import CheckpointError
-    from train import TrainConfig, train_softmax, train_triplet
+    from train import NoPretrainingError, TrainConfig, train_softmax, train_triplet
+    from workdir import LockedError
     config = TrainConfig(working_dir=working_dir, epochs=epochs, steps_per_epoch=steps_per_epoch, width=width,
                          batch_size=batch_size, seed=seed, model_name=model, learning_rate=learning_rate,
                          model_options=options, mining=triplet_mining, history_size=history_size,
-                         refresh_every=refresh_every)
+                         refresh_every=refresh_every, from_scratch=from_scratch)
     try:
         best = (train_softmax if pre_training_phase else train_triplet)(config)
     except FileNotFoundError as e:
         fail(os_error_message(e))
-    except CheckpointError as e:
+    except NoPretrainingError as e:
+        fail(f'{e.path}: no softmax checkpoint to start the triplet phase from; train the softmax phase first '
+             f'(train-model --pre_training_phase, ./deep-speaker train_softmax) or add --from_scratch to start from '
+             f'random weights.')
+    except LockedError as e:
+        fail(f'--working_dir {working_dir}: process {e.pid} is training this phase ({e.path}); wait for it to end '
+             f'or use another --working_dir.')
+    except (CheckpointError, InputsError) as e:
         fail(str(e))
     logger.info('Best checkpoint: %s', best)
 

@@ -27,6 +27,7 @@ SNR_RANGE_DB = (5.0, 20.0)  # additive noise at an SNR drawn uniformly from this
 NUM_FRAMES = 160  # frames per training crop: 1.6 s.
 TRAIN_TEST_RATIO = 0.8  # per speaker: first 80 % of utterances (or of the frames of a lone utterance) for training.
 COUNTS_PER_SPEAKER = (600, 100)  # crops per speaker in kx_train / kx_test.
+MIN_TRAINING_SPEAKERS = 2  # a softmax needs two classes, a triplet a negative of another speaker.
 
 # Model.
 EMBEDDING_SIZE = 512
