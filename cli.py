@@ -8,11 +8,9 @@ import logging
 import os
 import sys
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's C++ info logs; 0 shows them.
+import click
 
-import click  # noqa: E402
-
-from constants import (  # noqa: E402
+from constants import (
     BATCH_SIZE,
     CHECKPOINTS_TRIPLET_DIR,
     COUNTS_PER_SPEAKER,
@@ -32,9 +30,11 @@ from constants import (  # noqa: E402
     TRIPLET_MINING_MODES,
     TRIPLET_STEPS_PER_EPOCH,
 )
-from workdir import NotBuiltError, WorkingDir  # noqa: E402
+from tf_startup import import_tensorflow
+from workdir import NotBuiltError, WorkingDir
 
 VERSION = '2.0.0'
+TENSORFLOW_COMMANDS = {'train-model', 'test-model', 'eval-trials'}
 logger = logging.getLogger('deep-speaker')
 
 working_dir_option = click.option('--working_dir', default=DEFAULT_WORKING_DIR, show_default=True,
@@ -86,11 +86,14 @@ def comma_list(text: str, option: str, expected: str, convert, valid) -> list:
 
 @click.group()
 @click.version_option(VERSION, '--version', message='%(version)s', help='Print the version and exit.')
-@click.option('--verbose', is_flag=True, help='Debug logging.')
-def cli(verbose: bool):
+@click.option('--verbose', is_flag=True, help='Debug logging, and TensorFlow\'s start-up and info lines.')
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool):
     """Deep Speaker: speaker embeddings with a ResCNN trained by softmax then triplet loss."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+    if ctx.invoked_subcommand in TENSORFLOW_COMMANDS:
+        import_tensorflow(verbose)
 
 
 @cli.command()

@@ -71,6 +71,10 @@ PREDICT_BATCH_SIZE = 64  # crops per forward pass at inference.
 EMBEDDING_FILES_PER_CHUNK = 32  # utterances whose windows go through one predict call.
 DCF_P_TARGET = 0.01
 
+# TensorFlow's start-up notices (tf_startup.py keeps them out of a normal run).
+TENSORFLOW_STARTUP_NOTICES = ('WARNING: All log messages before absl::InitializeLog() is called are written to STDERR',
+                              '] oneDNN custom operations are on.')
+
 # Working directory layout.
 DEFAULT_WORKING_DIR = os.path.expanduser('~/.deep-speaker-wd')
 CACHE_SUBDIR = 'audio-fbanks'

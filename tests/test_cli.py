@@ -209,3 +209,15 @@ def test_a_second_training_run_is_refused_naming_the_first_and_a_killed_runs_loc
     assert f'taking over the lock of process {holder.pid}, which is no longer running' in trained.stderr
     assert 'starts from random weights, as asked' in trained.stderr
     assert (directory / 'ResCNN_last.keras').is_file()
+
+
+def test_tensorflow_start_up_notices_only_with_verbose(trained_dir):
+    """The absl / oneDNN lines TensorFlow's C++ libraries print at import stay out of a normal run's stderr."""
+    from constants import TENSORFLOW_STARTUP_NOTICES
+    quiet = run('cli.py', 'test-model', '--working_dir', str(trained_dir))
+    verbose = run('cli.py', '--verbose', 'test-model', '--working_dir', str(trained_dir))
+    shown = [notice for notice in TENSORFLOW_STARTUP_NOTICES if notice in verbose.stderr]
+    if not shown:
+        pytest.skip('TensorFlow prints no start-up notice on this machine')
+    assert [notice for notice in TENSORFLOW_STARTUP_NOTICES if notice in quiet.stderr] == []
+    assert METRICS_LINE.search(quiet.stdout).groups() == METRICS_LINE.search(verbose.stdout).groups()
