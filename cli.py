@@ -253,9 +253,14 @@ def test_model(working_dir, checkpoint_file, model, width, seed):
 
 @cli.command('eval-trials')
 @click.option('--trials', 'trials_file', required=True, type=click.Path(exists=True, dir_okay=False),
-              help='VoxCeleb-style list: "1 a.flac b.flac" per line, 1 = same speaker, 0 = different.')
+              help='Trial list, one trial a line: VoxCeleb\'s "1 a.flac b.flac" (1 = same speaker, 0 = different) '
+                   'or Kaldi\'s "a.flac b.flac target|nontarget"; a list may mix the two.')
 @click.option('--audio_root', required=True, type=click.Path(exists=True, file_okay=False),
-              help='Directory the paths of the trial list are relative to.')
+              help='Directory the paths of the trial list are relative to; a path outside it is refused.')
+@click.option('--strict', is_flag=True,
+              help='Stop at the first file that cannot be decoded. By default such files are skipped with their '
+                   'trials, logged, listed in TRIALS_STEM.skipped.txt beside the scores, counted, and the other '
+                   'trials scored.')
 @click.option('--checkpoint_file', 'checkpoint_files', required=True, multiple=True, type=click.Path(dir_okay=False),
               help='Checkpoint to evaluate (.keras, .weights.h5 or Keras-2 .h5); repeat it to fuse several models.')
 @model_option
@@ -268,8 +273,8 @@ def test_model(working_dir, checkpoint_file, model, width, seed):
 @click.option('--scores_file', default=None, type=click.Path(dir_okay=False),
               help='CSV of label,score,enrol,test [default: TRIALS_STEM.scores.csv in the current directory].')
 @click.option('--det_plot', default=None, type=click.Path(dir_okay=False), help='Draw the DET curve to this PNG.')
-def eval_trials(trials_file, audio_root, checkpoint_files, model, width, fusion, fusion_weights, crop, scores_file,
-                det_plot):
+def eval_trials(trials_file, audio_root, strict, checkpoint_files, model, width, fusion, fusion_weights, crop,
+                scores_file, det_plot):
     """EER and minDCF of one checkpoint, or of a fusion of several, on a trial list; each utterance is embedded
     once per model, deterministically."""
     from checkpoints import CheckpointError
@@ -283,7 +288,7 @@ def eval_trials(trials_file, audio_root, checkpoint_files, model, width, fusion,
                              lambda values: len(values) == count and min(values) >= 0 and sum(values) > 0)
     try:
         result = evaluate_trials(trials_file, audio_root, list(checkpoint_files), model, width, fusion, weights, crop,
-                                 scores_file, det_plot)
+                                 scores_file, det_plot, strict)
     except (TrialError, CheckpointError, AudioError) as e:
         fail(str(e))
     click.echo(f'EER = {100 * result.equal_error_rate:.2f} %, minDCF(p_target={DCF_P_TARGET}) = {result.min_dcf:.4f}')
