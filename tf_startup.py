@@ -23,7 +23,7 @@ def import_tensorflow(verbose: bool = False) -> None:
     without its start-up notices, unless `verbose` or TF_CPP_MIN_LOG_LEVEL=0. Anything else written to fd 2
     during the import (a real error, a Python warning) is written back to it."""
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '0' if verbose else '2')
-    if 'tensorflow' in sys.modules or os.environ['TF_CPP_MIN_LOG_LEVEL'] == '0':
+    if 'tensorflow' in sys.modules or verbose or os.environ['TF_CPP_MIN_LOG_LEVEL'] == '0':
         import tensorflow  # noqa: F401
         return
     sys.stderr.flush()

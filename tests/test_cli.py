@@ -47,13 +47,18 @@ def test_pipeline_writes_every_stage(trained_dir):
         assert (trained_dir / phase / 'history.csv').read_text().count('\n') == 2
 
 
-def test_test_model_prints_the_four_metrics(trained_dir):
+def test_test_model_prints_the_four_metrics_and_tensorflow_notices_only_with_verbose(trained_dir):
+    """TensorFlow's C++ libraries print absl / oneDNN notices while it is imported: only --verbose shows them."""
+    from constants import TENSORFLOW_STARTUP_NOTICES
     result = run('cli.py', 'test-model', '--working_dir', str(trained_dir))
     match = METRICS_LINE.search(result.stdout)
     assert match, result.stdout
     assert all(0.0 <= float(value) <= 1.0 for value in match.groups())
-    again = run('cli.py', 'test-model', '--working_dir', str(trained_dir))
+    again = run('cli.py', '--verbose', 'test-model', '--working_dir', str(trained_dir))
     assert METRICS_LINE.search(again.stdout).groups() == match.groups()
+    assert [notice for notice in TENSORFLOW_STARTUP_NOTICES if notice in result.stderr] == []
+    assert [notice for notice in TENSORFLOW_STARTUP_NOTICES if notice in again.stderr] == list(
+        TENSORFLOW_STARTUP_NOTICES)
 
 
 def test_triplet_phase_resumes_from_its_last_epoch(trained_dir):
@@ -210,14 +215,3 @@ def test_a_second_training_run_is_refused_naming_the_first_and_a_killed_runs_loc
     assert 'starts from random weights, as asked' in trained.stderr
     assert (directory / 'ResCNN_last.keras').is_file()
 
-
-def test_tensorflow_start_up_notices_only_with_verbose(trained_dir):
-    """The absl / oneDNN lines TensorFlow's C++ libraries print at import stay out of a normal run's stderr."""
-    from constants import TENSORFLOW_STARTUP_NOTICES
-    quiet = run('cli.py', 'test-model', '--working_dir', str(trained_dir))
-    verbose = run('cli.py', '--verbose', 'test-model', '--working_dir', str(trained_dir))
-    shown = [notice for notice in TENSORFLOW_STARTUP_NOTICES if notice in verbose.stderr]
-    if not shown:
-        pytest.skip('TensorFlow prints no start-up notice on this machine')
-    assert [notice for notice in TENSORFLOW_STARTUP_NOTICES if notice in quiet.stderr] == []
-    assert METRICS_LINE.search(quiet.stdout).groups() == METRICS_LINE.search(verbose.stdout).groups()
