@@ -17,6 +17,7 @@ from constants import (
     AUGMENTED_MARK,
     COUNTS_PER_SPEAKER,
     INFERENCE_BATCH_SIZE,
+    MIN_TRAINING_SPEAKERS,
     NUM_FBANKS,
     NUM_FRAMES,
     TRAIN_TEST_RATIO,
@@ -97,6 +98,18 @@ def write_npy_atomically(path: Path, shape: tuple, dtype, fill: Callable[[np.nda
         del array
 
 
+class InputsError(ValueError):
+    """A cache or model inputs that cannot train a model (too few speakers); the message names the directory."""
+
+
+def check_speaker_count(directory: Path, num_speakers: int, what: str) -> None:
+    """InputsError when `num_speakers` (of `what` in `directory`) is below MIN_TRAINING_SPEAKERS."""
+    if num_speakers < MIN_TRAINING_SPEAKERS:
+        raise InputsError(f'{directory}: {what} of {num_speakers} speaker{"s" * (num_speakers != 1)} found, '
+                          f'{MIN_TRAINING_SPEAKERS} needed (softmax and triplet training); cache audio of more '
+                          f'speakers, then build the model inputs again.')
+
+
 class KerasFormatConverter:
     """Builds and reads `<working_dir>/keras-inputs/`: kx_train.npy (n, 160, 64, 1) float32 crops, ky_train.npy
     (n,) int32 class indices, the same for test, categorical_speakers.pkl (dill) and meta.json (what they were
@@ -125,7 +138,9 @@ class KerasFormatConverter:
                 'speakers': self.categorical_speakers.speaker_ids}
 
     def generate(self, max_length: int = NUM_FRAMES, counts_per_speaker=COUNTS_PER_SPEAKER, seed: int = 0) -> None:
-        """Writes the four arrays and the speaker map; does nothing when they exist for the same settings."""
+        """Writes the four arrays and the speaker map; does nothing when they exist for the same settings.
+        InputsError, before anything is written, when the cache holds fewer than MIN_TRAINING_SPEAKERS speakers."""
+        check_speaker_count(self.workdir.cache_dir, len(self.categorical_speakers.speaker_ids), 'features')
         settings = self.settings(max_length, counts_per_speaker, seed)
         if self.is_built(settings):
             logger.info('%s is up to date; nothing to do.', self.output_dir)
@@ -162,7 +177,7 @@ class KerasFormatConverter:
 
     def load(self, phase: str) -> tuple[np.ndarray, np.ndarray]:
         """Memory-mapped (kx, ky) of 'train' or 'test'; NotBuiltError before generate, CacheError for a damaged
-        file."""
+        file, InputsError when they hold fewer than MIN_TRAINING_SPEAKERS speakers (inputs of an earlier version)."""
         self.workdir.inputs_settings()
         arrays = []
         for name in (f'kx_{phase}.npy', f'ky_{phase}.npy'):
@@ -171,6 +186,7 @@ class KerasFormatConverter:
             except (ValueError, EOFError, OSError) as e:
                 raise CacheError(f'{self.path(name)}: damaged model input ({e}); delete {self.output_dir} and run '
                                  f'build-keras-inputs again.') from None
+        check_speaker_count(self.output_dir, len(np.unique(arrays[1])), f'ky_{phase}.npy: crops')
         return arrays[0], arrays[1]
 
     @property

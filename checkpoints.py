@@ -9,7 +9,9 @@ load_checkpoint, checkpoint_architecture and build_model for the users of the or
 import json
 import logging
 import os
+import re
 import time
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,7 +21,7 @@ import h5py
 import keras
 import numpy as np
 
-from constants import CHECKPOINT_STATE_ENTRY
+from constants import CHECKPOINT_STATE_ENTRY, HDF5_SIGNATURE, ZIP_SIGNATURE
 from conv_models import MODELS, SpeakerModel
 from triplet_loss import deep_speaker_loss
 from workdir import atomic_path, best_checkpoint, last_checkpoint, remove_orphan_temp_files, state_file
@@ -47,17 +49,102 @@ def legacy_h5_layer_names(path: str) -> set[str]:
         return {n for n in names if len(group[n].attrs.get('weight_names', [])) > 0}
 
 
-def copy_weights_by_name(source: keras.Model, target: keras.Model) -> None:
-    """Sets each weighted layer of `target` from the layer of the same name in `source`, where there is one."""
+def check_shapes(path: str, model: keras.Model, saved: dict[str, list[tuple]]) -> None:
+    """CheckpointError naming the first weighted layer of `model` whose weight shapes differ from those `saved` in
+    `path` (layer name: shapes; a layer `saved` lacks is not checked)."""
+    for layer in model.layers:
+        expected = [tuple(w.shape) for w in layer.weights]
+        if expected and layer.name in saved and saved[layer.name] != expected:
+            ours, theirs = next(((a, b) for a, b in zip(expected, saved[layer.name], strict=False)
+                                 if a != b),
+                                (len(expected), len(saved[layer.name])))
+            raise CheckpointError(f'{path}: weights of another architecture: layer {layer.name} has '
+                                  f'{format_shape(theirs)}, the model {format_shape(ours)}; check --width and '
+                                  f'--model (or the number of speakers of a softmax model).')
+
+
+def format_shape(shape: tuple | int) -> str:
+    """(5,5,1,16) for a shape; '3 weights' for a count."""
+    return f'{shape} weights' if isinstance(shape, int) else '(' + ','.join(map(str, shape)) + ')'
+
+
+def copy_weights_by_name(source: keras.Model, target: keras.Model, path: str = '<model>') -> None:
+    """Sets each weighted layer of `target` from the layer of the same name in `source`, where there is one;
+    CheckpointError when shapes differ."""
     source_layers = {layer.name: layer for layer in source.layers}
+    check_shapes(path, target, {name: [tuple(w.shape) for w in layer.weights] for name, layer in source_layers.items()})
     for name in weighted_layer_names(target):
         if name in source_layers:
             target.get_layer(name).set_weights(source_layers[name].get_weights())
 
 
+def snake_case(class_name: str) -> str:
+    """Keras' file name of a layer class in a .weights.h5 file (ReLU -> re_lu, Conv2D -> conv2d)."""
+    name = re.sub('(.)([A-Z][a-z]+)', r'\1_\2', re.sub(r'\W+', '', class_name))
+    return re.sub('([a-z])([A-Z])', r'\1_\2', name).lower()
+
+
+def weights_h5_shapes(path: str, model: keras.Model) -> dict[str, list[tuple]]:
+    """The weight shapes a Keras 3 .weights.h5 file holds for each layer of `model`. Keras names the layers there
+    by class and position (conv2d, conv2d_1, ...), so a file is read as `model`'s own layer order."""
+    counts: dict[str, int] = {}
+    shapes = {}
+    with h5py.File(path, 'r') as f:
+        for layer in model.layers:
+            key = snake_case(type(layer).__name__)
+            counts[key] = counts.get(key, -1) + 1
+            group = f.get(f'layers/{key}' + (f'_{counts[key]}' if counts[key] else '') + '/vars')
+            if group is not None:
+                shapes[layer.name] = [tuple(group[str(i)].shape) for i in range(len(group))]
+    return shapes
+
+
+def legacy_h5_shapes(path: str) -> dict[str, list[tuple]]:
+    """The weight shapes of each layer of a Keras-2 HDF5 file, by layer name."""
+    with h5py.File(path, 'r') as f:
+        group = f['model_weights'] if 'layer_names' not in f.attrs and 'model_weights' in f else f
+        return {name: [tuple(group[name][w].shape) for w in group[name].attrs.get('weight_names', [])]
+                for name in legacy_h5_layer_names(path)}
+
+
+def file_kind(path: str) -> str:
+    """What the first bytes of a file say it is: 'an HDF5 file', 'a zip archive', 'an empty file', 'a text file?'
+    or 'an unknown binary format'."""
+    with open(path, 'rb') as f:
+        head = f.read(512)
+    if head.startswith(HDF5_SIGNATURE):
+        return 'an HDF5 file'
+    if head.startswith(ZIP_SIGNATURE):
+        return 'a zip archive'
+    if not head:
+        return 'an empty file'
+    try:
+        head.decode('utf-8')
+    except UnicodeDecodeError:
+        return 'an unknown binary format'
+    return 'an unknown binary format' if b'\0' in head else 'a text file?'
+
+
+CHECKPOINT_FORMATS = {  # suffix: (kind the file must be, what a checkpoint of that suffix is).
+    '.keras': ('a zip archive', 'a .keras checkpoint (a zip archive written by Keras 3)'),
+    '.weights.h5': ('an HDF5 file', 'Keras 3 weights (.weights.h5, an HDF5 file)'),
+    '.h5': ('an HDF5 file', 'a Keras-2 .h5 checkpoint (an HDF5 file)'),
+    '.hdf5': ('an HDF5 file', 'a Keras-2 .h5 checkpoint (an HDF5 file)'),
+}
+
+
 def check_exists(path: str) -> None:
+    """CheckpointError when `path` is missing, or is not the kind of file its suffix says (a text file named
+    .h5, a .keras that is no zip archive)."""
     if not os.path.isfile(path):
         raise CheckpointError(f'{path}: no such checkpoint file; train a model first or fix the path.')
+    suffix = next((s for s in CHECKPOINT_FORMATS if path.endswith(s)), None)
+    if suffix is None:
+        return
+    wanted, expected = CHECKPOINT_FORMATS[suffix]
+    kind = file_kind(path)
+    if kind != wanted:
+        raise CheckpointError(f'{path}: not {wanted} ({kind}); expected {expected}.')
 
 
 @contextmanager
@@ -88,23 +175,24 @@ def checkpoint_architecture(path: str, model: str = 'rescnn', width: float | Non
     read from its config; (model, {'width': width or 1.0}) for other files, whose architecture must be given."""
     if not (path.endswith('.keras') and os.path.isfile(path)):
         return model, {'width': width or 1.0}
+    check_exists(path)
     with fitting(path), zipfile.ZipFile(path) as archive:
         config = json.loads(archive.read('config.json'))
     return architecture_of(config.get('config', {}), path)
 
 
 def read_keras_checkpoint(path: str) -> keras.Model:
-    """The whole model saved in a .keras file, uncompiled."""
+    """The whole model saved in a .keras file, uncompiled; in Keras' safe mode (no code from the file runs)."""
     check_exists(path)
     with fitting(path):
-        return keras.saving.load_model(path, compile=False)
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
 
 
 def copy_checkpoint_weights(source: keras.Model, model: keras.Model, path: str) -> list[str]:
     """Copies the weights of `source` (read from `path`) into `model` by layer name; returns the weighted layers
     of `model` that `source` has nothing for."""
     with fitting(path):
-        copy_weights_by_name(source, model)
+        copy_weights_by_name(source, model, path)
     return missing_layers(path, weighted_layer_names(model), set(weighted_layer_names(source)))
 
 
@@ -129,11 +217,14 @@ def load_checkpoint(model: keras.Model, path: str) -> list[str]:
     if path.endswith('.keras'):
         return copy_checkpoint_weights(read_keras_checkpoint(path), model, path)
     expected = weighted_layer_names(model)
-    with fitting(path):
+    with fitting(path), warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # Keras' warnings repeat what check_shapes says in one line.
         if path.endswith('.weights.h5'):
+            check_shapes(path, model, weights_h5_shapes(path, model))
             model.load_weights(path)
             present = set(expected)
         elif path.endswith(('.h5', '.hdf5')):
+            check_shapes(path, model, legacy_h5_shapes(path))
             present = legacy_h5_layer_names(path)
             model.load_weights(path, by_name=True)
         else:
@@ -174,7 +265,8 @@ def resumed_or_new(directory: Path, name: str, new_model: Callable[[], keras.Mod
     epoch = read_state(directory, name).get('epoch', 0)
     if last.exists() and epoch > 0:
         logger.info('Resuming from %s after epoch %d.', last, epoch)
-        return keras.saving.load_model(last, custom_objects={'deep_speaker_loss': deep_speaker_loss}), epoch
+        return keras.saving.load_model(last, custom_objects={'deep_speaker_loss': deep_speaker_loss},
+                                       safe_mode=True), epoch
     return new_model(), 0
 
 

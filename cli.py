@@ -8,11 +8,9 @@ import logging
 import os
 import sys
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's C++ info logs; 0 shows them.
+import click
 
-import click  # noqa: E402
-
-from constants import (  # noqa: E402
+from constants import (
     BATCH_SIZE,
     CHECKPOINTS_TRIPLET_DIR,
     COUNTS_PER_SPEAKER,
@@ -32,9 +30,11 @@ from constants import (  # noqa: E402
     TRIPLET_MINING_MODES,
     TRIPLET_STEPS_PER_EPOCH,
 )
-from workdir import NotBuiltError, WorkingDir  # noqa: E402
+from tf_startup import import_tensorflow
+from workdir import NotBuiltError, WorkingDir
 
 VERSION = '2.0.0'
+TENSORFLOW_COMMANDS = {'train-model', 'test-model', 'eval-trials'}
 logger = logging.getLogger('deep-speaker')
 
 working_dir_option = click.option('--working_dir', default=DEFAULT_WORKING_DIR, show_default=True,
@@ -85,11 +85,15 @@ def comma_list(text: str, option: str, expected: str, convert, valid) -> list:
 
 
 @click.group()
-@click.option('--verbose', is_flag=True, help='Debug logging.')
-def cli(verbose: bool):
+@click.version_option(VERSION, '--version', message='%(version)s', help='Print the version and exit.')
+@click.option('--verbose', is_flag=True, help='Debug logging, and TensorFlow\'s start-up and info lines.')
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool):
     """Deep Speaker: speaker embeddings with a ResCNN trained by softmax then triplet loss."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+    if ctx.invoked_subcommand in TENSORFLOW_COMMANDS:
+        import_tensorflow(verbose)
 
 
 @cli.command()
@@ -139,19 +143,24 @@ def build_mfcc_cache(working_dir, audio_dir, sample_rate, workers, speed_perturb
 @seed_option
 def build_keras_inputs(working_dir, counts_per_speaker, seed):
     """Samples fixed-length crops per speaker into WORKING_DIR/keras-inputs (kx/ky train/test .npy)."""
-    from batcher import KerasFormatConverter
+    from batcher import InputsError, KerasFormatConverter
     counts = tuple(comma_list(counts_per_speaker, '--counts_per_speaker', 'two integers >= 2, e.g. 600,100', int,
                               lambda values: len(values) == 2 and min(values) >= 2))
     try:
         KerasFormatConverter(working_dir).generate(NUM_FRAMES, counts, seed)
     except OSError as e:
         fail(os_error_message(e))
+    except InputsError as e:
+        fail(str(e))
 
 
 @cli.command('train-model')
 @working_dir_option
 @click.option('--pre_training_phase/--no_pre_training_phase', default=False, show_default=True,
-              help='Softmax pre-training, or triplet training (initialised from the best softmax checkpoint).')
+              help='Softmax pre-training, or triplet training (initialised from the best softmax checkpoint, which '
+                   'must exist unless --from_scratch).')
+@click.option('--from_scratch', is_flag=True,
+              help='Triplet phase: start from random weights when there is no softmax checkpoint.')
 @click.option('--epochs', default=DEFAULT_EPOCHS, show_default=True, type=click.IntRange(min=1),
               help='Total epochs of the phase; a resumed run trains up to this number.')
 @click.option('--steps_per_epoch', default=None, type=click.IntRange(min=1),
@@ -178,23 +187,34 @@ def build_keras_inputs(working_dir, counts_per_speaker, seed):
               help='TDNN: dropout rate after each frame layer.')
 @click.option('--bn_before_relu', is_flag=True, help='TDNN: batch norm before each ReLU instead of after it.')
 @seed_option
-def train_model(working_dir, pre_training_phase, epochs, steps_per_epoch, batch_size, learning_rate, triplet_mining,
-                history_size, refresh_every, inference_batch, model, width, tdnn_layers, dropout, bn_before_relu,
-                seed):
+def train_model(working_dir, pre_training_phase, from_scratch, epochs, steps_per_epoch, batch_size, learning_rate,
+                triplet_mining, history_size, refresh_every, inference_batch, model, width, tdnn_layers, dropout,
+                bn_before_relu, seed):
     """Trains one phase; checkpoints go to WORKING_DIR/checkpoints-softmax or checkpoints-triplets. The triplet
-    phase takes its architecture from the softmax checkpoint when there is one."""
+    phase (the default) starts from the best softmax checkpoint, with its architecture. One run per phase and
+    working dir at a time."""
     options = tdnn_options(tdnn_layers, dropout, bn_before_relu)
     if options and model != 'tdnn':
         fail(f'--tdnn_layers, --dropout and --bn_before_relu are options of --model tdnn, not --model {model}.')
+    from batcher import InputsError
     from checkpoints import CheckpointError
-    from train import TrainConfig, train_softmax, train_triplet
+    from train import NoPretrainingError, TrainConfig, train_softmax, train_triplet
+    from workdir import LockedError
     config = TrainConfig(working_dir=working_dir, epochs=epochs, steps_per_epoch=steps_per_epoch, width=width,
                          batch_size=batch_size, seed=seed, model_name=model, learning_rate=learning_rate,
                          model_options=options, mining=triplet_mining, history_size=history_size,
-                         refresh_every=refresh_every, inference_batch=inference_batch)
+                         refresh_every=refresh_every, inference_batch=inference_batch,
+                         from_scratch=from_scratch)
     try:
         best = (train_softmax if pre_training_phase else train_triplet)(config)
-    except CheckpointError as e:
+    except NoPretrainingError as e:
+        fail(f'{e.path}: no softmax checkpoint to start the triplet phase from; train the softmax phase first '
+             f'(train-model --pre_training_phase, ./deep-speaker train_softmax) or add --from_scratch to start from '
+             f'random weights.')
+    except LockedError as e:
+        fail(f'--working_dir {working_dir}: process {e.pid} is training this phase ({e.path}); wait for it to end '
+             f'or use another --working_dir.')
+    except (CheckpointError, InputsError) as e:
         fail(str(e))
     except OSError as e:
         fail(os_error_message(e))
@@ -242,9 +262,14 @@ def test_model(working_dir, checkpoint_file, model, width, seed):
 
 @cli.command('eval-trials')
 @click.option('--trials', 'trials_file', required=True, type=click.Path(exists=True, dir_okay=False),
-              help='VoxCeleb-style list: "1 a.flac b.flac" per line, 1 = same speaker, 0 = different.')
+              help='Trial list, one trial a line: VoxCeleb\'s "1 a.flac b.flac" (1 = same speaker, 0 = different) '
+                   'or Kaldi\'s "a.flac b.flac target|nontarget"; a list may mix the two.')
 @click.option('--audio_root', required=True, type=click.Path(exists=True, file_okay=False),
-              help='Directory the paths of the trial list are relative to.')
+              help='Directory the paths of the trial list are relative to; a path outside it is refused.')
+@click.option('--strict', is_flag=True,
+              help='Stop at the first file that cannot be decoded. By default such files are skipped with their '
+                   'trials, logged, listed in TRIALS_STEM.skipped.txt beside the scores, counted, and the other '
+                   'trials scored.')
 @click.option('--checkpoint_file', 'checkpoint_files', required=True, multiple=True, type=click.Path(dir_okay=False),
               help='Checkpoint to evaluate (.keras, .weights.h5 or Keras-2 .h5); repeat it to fuse several models.')
 @model_option
@@ -257,8 +282,8 @@ def test_model(working_dir, checkpoint_file, model, width, seed):
 @click.option('--scores_file', default=None, type=click.Path(dir_okay=False),
               help='CSV of label,score,enrol,test [default: TRIALS_STEM.scores.csv in the current directory].')
 @click.option('--det_plot', default=None, type=click.Path(dir_okay=False), help='Draw the DET curve to this PNG.')
-def eval_trials(trials_file, audio_root, checkpoint_files, model, width, fusion, fusion_weights, crop, scores_file,
-                det_plot):
+def eval_trials(trials_file, audio_root, strict, checkpoint_files, model, width, fusion, fusion_weights, crop,
+                scores_file, det_plot):
     """EER and minDCF of one checkpoint, or of a fusion of several, on a trial list; each utterance is embedded
     once per model, deterministically."""
     from checkpoints import CheckpointError
@@ -272,7 +297,7 @@ def eval_trials(trials_file, audio_root, checkpoint_files, model, width, fusion,
                              lambda values: len(values) == count and min(values) >= 0 and sum(values) > 0)
     try:
         result = evaluate_trials(trials_file, audio_root, list(checkpoint_files), model, width, fusion, weights, crop,
-                                 scores_file, det_plot)
+                                 scores_file, det_plot, strict)
     except (TrialError, CheckpointError, AudioError) as e:
         fail(str(e))
     click.echo(f'EER = {100 * result.equal_error_rate:.2f} %, minDCF(p_target={DCF_P_TARGET}) = {result.min_dcf:.4f}')

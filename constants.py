@@ -27,6 +27,7 @@ SNR_RANGE_DB = (5.0, 20.0)  # additive noise at an SNR drawn uniformly from this
 NUM_FRAMES = 160  # frames per training crop: 1.6 s.
 TRAIN_TEST_RATIO = 0.8  # per speaker: first 80 % of utterances (or of the frames of a lone utterance) for training.
 COUNTS_PER_SPEAKER = (600, 100)  # crops per speaker in kx_train / kx_test.
+MIN_TRAINING_SPEAKERS = 2  # a softmax needs two classes, a triplet a negative of another speaker.
 
 # Model.
 EMBEDDING_SIZE = 512
@@ -72,6 +73,10 @@ WINDOW_HOP = 80  # frames between two windows of a whole-utterance embedding (50
 EMBEDDING_FILES_PER_CHUNK = 32  # utterances whose windows go through one predict call.
 DCF_P_TARGET = 0.01
 
+# TensorFlow's start-up notices (tf_startup.py keeps them out of a normal run).
+TENSORFLOW_STARTUP_NOTICES = ('WARNING: All log messages before absl::InitializeLog() is called are written to STDERR',
+                              '] oneDNN custom operations are on.')
+
 # Working directory layout.
 DEFAULT_WORKING_DIR = os.path.expanduser('~/.deep-speaker-wd')
 CACHE_SUBDIR = 'audio-fbanks'
@@ -84,5 +89,9 @@ KERAS_INPUTS_SUBDIR = 'keras-inputs'
 CHECKPOINTS_SOFTMAX_DIR = 'checkpoints-softmax'
 CHECKPOINTS_TRIPLET_DIR = 'checkpoints-triplets'
 CHECKPOINT_STATE_ENTRY = 'deep_speaker_state.json'  # the training state inside each _last.keras archive.
+TRAINING_LOCK = '.train.lock'  # in a phase's checkpoint dir: the pid of the run training it.
+SKIPPED_TRIALS_SUFFIX = '.skipped.txt'  # eval-trials: TRIALS_STEM.skipped.txt lists the undecodable files.
+HDF5_SIGNATURE = b'\x89HDF\r\n\x1a\n'  # first bytes of .h5 and .weights.h5 checkpoints.
+ZIP_SIGNATURE = b'PK\x03\x04'  # first bytes of .keras checkpoints.
 LOGS_SUBDIR = 'logs'
 DEFAULT_SEED = 123

@@ -16,7 +16,7 @@ from batcher import sample_from_mfcc
 from checkpoints import build_model
 from constants import EMBEDDING_FILES_PER_CHUNK, INFERENCE_BATCH_SIZE, NUM_FRAMES, WINDOW_HOP
 from conv_models import SpeakerModel
-from features import read_features, signal_features
+from features import AudioError, read_features, signal_features
 
 
 def embed_crops(model: keras.Model, crops: np.ndarray, batch_size: int | None = None) -> np.ndarray:
@@ -87,13 +87,25 @@ class Embedder:
         """An audio file (any rate, mono or not) to its embedding (dims,)."""
         return self.embed_features(read_features(str(path)))
 
-    def embed_files(self, paths: Sequence[str | Path]) -> np.ndarray:
-        """Audio files to their embeddings, float32 (files, dims), EMBEDDING_FILES_PER_CHUNK files per predict."""
-        embeddings = []
+    def embed_files(self, paths: Sequence[str | Path], skipped: dict[int, str] | None = None) -> np.ndarray:
+        """Audio files to their embeddings, float32 (files, dims), EMBEDDING_FILES_PER_CHUNK files per predict.
+        A file that cannot be decoded raises its AudioError; with a `skipped` dict, it gets a row of NaN instead,
+        and skipped[its index] = the reason."""
+        embeddings = np.full((len(paths), self.model.m.output_shape[-1]), np.nan, dtype=np.float32)
         for start in tqdm(range(0, len(paths), EMBEDDING_FILES_PER_CHUNK), desc='Embedding utterances', unit='chunk'):
-            chunk = paths[start:start + EMBEDDING_FILES_PER_CHUNK]
-            embeddings.append(self.pooled([utterance_windows(read_features(str(f)), self.crop) for f in chunk]))
-        return np.concatenate(embeddings).astype(np.float32)
+            rows, windows = [], []
+            for row in range(start, min(start + EMBEDDING_FILES_PER_CHUNK, len(paths))):
+                try:
+                    windows.append(utterance_windows(read_features(str(paths[row])), self.crop))
+                except AudioError as e:
+                    if skipped is None:
+                        raise
+                    skipped[row] = str(e)
+                    continue
+                rows.append(row)
+            if rows:
+                embeddings[rows] = self.pooled(windows)
+        return embeddings
 
 
 def embed_utterances(model: SpeakerModel, files: Sequence[str | Path], crop: bool = False) -> np.ndarray:

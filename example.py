@@ -5,7 +5,9 @@
 
 import os
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's C++ info logs; 0 shows them.
+from tf_startup import import_tensorflow
+
+import_tensorflow()
 
 import click  # noqa: E402
 import numpy as np  # noqa: E402

@@ -6,6 +6,7 @@ whole-utterance embeddings from embedding.py.
 Imports embedding, checkpoints, audio (the cache index), batcher, conv_models, eval_metrics and constants."""
 
 import logging
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from audio import Audio, checked_features
 from batcher import Source, load_source, sample_from_mfcc, train_test_sources
-from constants import AUGMENTED_MARK, DCF_P_TARGET, NUM_FRAMES, NUM_NEGATIVE_SPEAKERS
+from constants import AUGMENTED_MARK, DCF_P_TARGET, NUM_FRAMES, NUM_NEGATIVE_SPEAKERS, SKIPPED_TRIALS_SUFFIX
 from conv_models import SpeakerModel
 from embedding import Embedder, embed_crops
 from embedding import embed_utterances as embed_utterances
@@ -84,30 +85,52 @@ class Trials(NamedTuple):
     files: list[Path]
 
 
+KALDI_LABELS = {'target': 1, 'nontarget': 0}
+
+
+def trial_fields(fields: list[str], where: str, line: str) -> tuple[int, str, str]:
+    """(label, enrol, test) of one line, VoxCeleb's `1 enrol test` (1 = same speaker, 0 = not) or Kaldi's
+    `enrol test target|nontarget`, told apart per line (a list may mix them)."""
+    if len(fields) != 3:
+        raise TrialError(f'{where}: expected "label path path" or "path path target|nontarget", got {line!r}.')
+    if fields[2] in KALDI_LABELS:
+        return KALDI_LABELS[fields[2]], fields[0], fields[1]
+    if fields[0] not in ('0', '1'):
+        raise TrialError(f'{where}: label {fields[0]!r} must be 1 (same speaker) or 0, or the third field target '
+                         f'or nontarget.')
+    return int(fields[0]), fields[1], fields[2]
+
+
+def path_under(root: Path, name: str, where: str) -> Path:
+    """`name` resolved under `root` (lexically: symbolic links inside the root may point anywhere); TrialError for
+    a path that leaves it (`../`, an absolute path elsewhere)."""
+    path = Path(os.path.normpath(root / name))
+    if not path.is_relative_to(root) or path == root:
+        raise TrialError(f'{where}: {name} is outside --audio_root {root}; trial paths must lie under it.')
+    return path
+
+
 def read_trials(trials_file: str, audio_root: str) -> Trials:
-    """Parses `label path path` lines (1 = same speaker, paths relative to `audio_root`) and checks every file
-    exists, before anything is computed."""
+    """Parses the trial lines (trial_fields; paths under `audio_root`) and checks every file exists, before
+    anything is computed."""
+    root = Path(os.path.normpath(audio_root))
     index: dict[Path, int] = {}
     labels, enrol, test = [], [], []
     lines = Path(trials_file).read_text().splitlines()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        fields = line.split()
         where = f'{trials_file}:{number}'
-        if len(fields) != 3:
-            raise TrialError(f'{where}: expected "label path path", got {line!r}.')
-        if fields[0] not in ('0', '1'):
-            raise TrialError(f'{where}: label {fields[0]!r} must be 1 (same speaker) or 0.')
+        label, *names = trial_fields(line.split(), where, line)
         sides = []
-        for name in fields[1:]:
-            path = Path(audio_root) / name
+        for name in names:
+            path = path_under(root, name, where)
             if path not in index:
                 if not path.is_file():
                     raise TrialError(f'{where}: {path} does not exist; check --audio_root.')
                 index[path] = len(index)
             sides.append(index[path])
-        labels.append(int(fields[0]))
+        labels.append(label)
         enrol.append(sides[0])
         test.append(sides[1])
     if not labels:
@@ -122,7 +145,7 @@ def score_trials(embeddings: np.ndarray, trials: Trials) -> np.ndarray:
 
 def write_scores(path: str, trials: Trials, scores: np.ndarray, audio_root: str) -> None:
     """CSV `label,score,enrol,test` in the order of the trial list, paths relative to `audio_root`."""
-    names = [str(f.relative_to(audio_root)) for f in trials.files]
+    names = [os.path.relpath(f, audio_root) for f in trials.files]
     rows = [f'{label},{score:.6f},{names[a]},{names[b]}'
             for label, score, a, b in zip(trials.labels, scores, trials.enrol, trials.test, strict=True)]
     Path(path).write_text('label,score,enrol,test\n' + '\n'.join(rows) + '\n')
@@ -141,38 +164,77 @@ def concatenated_embeddings(embeddings: list[np.ndarray], weights: list[float]) 
 
 
 class TrialsResult(NamedTuple):
-    """What evaluate_trials measured: EER (fraction), minDCF at DCF_P_TARGET, and where the scores went."""
+    """What evaluate_trials measured: EER (fraction), minDCF at DCF_P_TARGET, where the scores went, and what was
+    skipped (files that could not be decoded, their trials, the file listing them or None)."""
     equal_error_rate: float
     min_dcf: float
     scores_file: str
     num_target: int
     num_nontarget: int
     num_files: int
+    skipped_files: int = 0
+    skipped_trials: int = 0
+    skipped_list: str | None = None
+
+
+def without_files(trials: Trials, skipped: set[int]) -> Trials:
+    """The trials none of whose sides is in `skipped` (indices into trials.files)."""
+    keep = ~(np.isin(trials.enrol, list(skipped)) | np.isin(trials.test, list(skipped)))
+    return Trials(trials.labels[keep], trials.enrol[keep], trials.test[keep], trials.files)
+
+
+def write_skipped(path: Path, reasons: dict[int, str]) -> None:
+    """One line per skipped file: the reason it could not be decoded (its path first)."""
+    path.write_text(''.join(f'{reasons[i]}\n' for i in sorted(reasons)))
+
+
+def check_both_classes(trials_file: str, labels: np.ndarray, after: str = '') -> None:
+    if len(set(labels.tolist())) < 2:
+        raise TrialError(f'{trials_file}: needs both target (1) and non-target (0) trials{after}.')
 
 
 def evaluate_trials(trials_file: str, audio_root: str, checkpoint_files: list[str], model: str = 'rescnn',
                     width: float | None = None, fusion: str = 'score', weights: list[float] | None = None,
-                    crop: bool = False, scores_file: str | None = None, det_plot: str | None = None) -> TrialsResult:
+                    crop: bool = False, scores_file: str | None = None, det_plot: str | None = None,
+                    strict: bool = False) -> TrialsResult:
     """EER and minDCF of one checkpoint, or of a fusion ('score': weighted mean of cosine scores, 'concat': cosine
     of the concatenated embeddings) of several, on a trial list; each utterance is embedded once per model.
     Writes the scores CSV (default: TRIALS_STEM.scores.csv in the current directory) and, if asked, the DET plot.
-    TrialError, CheckpointError or AudioError before anything is written."""
+    A file that cannot be decoded is skipped with its trials, logged and listed in TRIALS_STEM.skipped.txt beside
+    the scores, and the rest scored; with `strict`, its AudioError is raised instead. TrialError, CheckpointError
+    or AudioError before anything is written."""
     weights = weights or [1.0] * len(checkpoint_files)
     trials = read_trials(trials_file, audio_root)
-    if len(set(trials.labels.tolist())) < 2:
-        raise TrialError(f'{trials_file}: needs both target (1) and non-target (0) trials.')
-    embeddings = [Embedder.from_checkpoint(path, model, width, crop).embed_files(trials.files)
+    check_both_classes(trials_file, trials.labels)
+    reasons: dict[int, str] | None = None if strict else {}
+    embeddings = [Embedder.from_checkpoint(path, model, width, crop).embed_files(trials.files, reasons)
                   for path in checkpoint_files]
+    scores_file = scores_file or f'{Path(trials_file).stem}.scores.csv'
+    skipped_list = Path(scores_file).with_name(Path(trials_file).stem + SKIPPED_TRIALS_SUFFIX)
+    skipped_list.unlink(missing_ok=True)
+    num_trials = len(trials.labels)
+    if reasons:
+        for reason in reasons.values():
+            logger.warning('Skipped: %s', reason)
+        trials = without_files(trials, set(reasons))
+        check_both_classes(trials_file, trials.labels, f' after skipping {len(reasons)} undecodable files (listed '
+                                                       f'in {skipped_list})')
+        write_skipped(skipped_list, reasons)
+        logger.warning('Skipped %d files that could not be decoded and their %d trials (listed in %s); scoring the '
+                       'other %d trials.', len(reasons), num_trials - len(trials.labels), skipped_list,
+                       len(trials.labels))
     if fusion == 'concat':
         scores = score_trials(concatenated_embeddings(embeddings, weights), trials)
     else:
         scores = fused_scores([score_trials(e, trials) for e in embeddings], weights)
-    scores_file = scores_file or f'{Path(trials_file).stem}.scores.csv'
     write_scores(scores_file, trials, scores, audio_root)
     if det_plot:
         plot_det(scores, trials.labels, det_plot, title=' + '.join(Path(p).name for p in checkpoint_files))
+    used_files = len(set(trials.enrol.tolist()) | set(trials.test.tolist()))
     result = TrialsResult(equal_error_rate(scores, trials.labels), min_dcf(scores, trials.labels, DCF_P_TARGET),
-                          scores_file, int(trials.labels.sum()), int((trials.labels == 0).sum()), len(trials.files))
+                          scores_file, int(trials.labels.sum()), int((trials.labels == 0).sum()), used_files,
+                          len(reasons or {}), num_trials - len(trials.labels),
+                          str(skipped_list) if reasons else None)
     logger.info('%d target and %d non-target trials over %d utterances; scores in %s.', result.num_target,
                 result.num_nontarget, result.num_files, scores_file)
     return result

@@ -41,7 +41,7 @@ from constants import (
 from conv_models import MODELS
 from embedding import embed_crops
 from triplet_loss import deep_speaker_loss
-from workdir import WorkingDir, best_checkpoint, last_checkpoint
+from workdir import WorkingDir, best_checkpoint, last_checkpoint, training_lock
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +138,15 @@ class TrainConfig:
     history_size: int = MINING_HISTORY_SIZE
     refresh_every: int = MINING_REFRESH_EVERY
     inference_batch: int | None = None  # crops per forward pass of a history refresh; None: batch_size.
+    from_scratch: bool = False  # triplet phase: start from random weights when there is no softmax checkpoint.
+
+
+class NoPretrainingError(CheckpointError):
+    """A triplet phase asked to start without the softmax checkpoint `path` it starts from (and not from scratch)."""
+
+    def __init__(self, path: Path):
+        super().__init__(f'{path}: no softmax checkpoint to start the triplet phase from.')
+        self.path = path
 
 
 def phase_inputs(config: TrainConfig, phase: str) -> tuple[WorkingDir, KerasFormatConverter, Path]:
@@ -154,30 +163,31 @@ def train_softmax(config: TrainConfig) -> Path:
     """Softmax pre-training (Adam) of the model `config.model_name` on kx_train, validated on kx_test; returns the
     best checkpoint's path. A resumed run keeps the architecture and learning rate of its checkpoint."""
     working_dir, converter, directory = phase_inputs(config, 'softmax')
-    kx_train, ky_train = converter.load('train')
-    kx_test, ky_test = converter.load('test')
-    num_speakers = converter.num_speakers
+    with training_lock(directory):
+        kx_train, ky_train = converter.load('train')
+        kx_test, ky_test = converter.load('test')
+        num_speakers = converter.num_speakers
 
-    def new_model():
-        dsm = MODELS[config.model_name](include_softmax=True, num_speakers_softmax=num_speakers, width=config.width,
-                                        **config.model_options)
-        dsm.m.compile(optimizer=keras.optimizers.Adam(config.learning_rate or SOFTMAX_LEARNING_RATE),
-                      loss='sparse_categorical_crossentropy', metrics=['accuracy'])
-        return dsm.m
+        def new_model():
+            dsm = MODELS[config.model_name](include_softmax=True, num_speakers_softmax=num_speakers, width=config.width,
+                                            **config.model_options)
+            dsm.m.compile(optimizer=keras.optimizers.Adam(config.learning_rate or SOFTMAX_LEARNING_RATE),
+                          loss='sparse_categorical_crossentropy', metrics=['accuracy'])
+            return dsm.m
 
-    name = MODELS[config.model_name].name
-    model, initial_epoch = resumed_or_new(directory, name, new_model)
-    if model.output_shape[-1] != num_speakers:
-        raise CheckpointError(f'{last_checkpoint(directory, name)}: trained on {model.output_shape[-1]} speakers, '
-                              f'but the model inputs have {num_speakers}; delete {directory} or use another '
-                              f'--working_dir.')
-    logger.info('Softmax phase: %d speakers, %d training crops, %s parameters.', num_speakers,
-                len(kx_train), f'{model.count_params():,}')
-    steps = config.steps_per_epoch or math.ceil(len(kx_train) / config.batch_size)
-    fit(model, initial_epoch, config.epochs, softmax_dataset(kx_train, ky_train, config.batch_size, config.seed),
-        softmax_dataset(kx_test, ky_test, config.batch_size, None), steps,
-        phase_callbacks(directory, working_dir.root, name, 'softmax', 'val_accuracy', 'max'))
-    return best_checkpoint(directory, name)
+        name = MODELS[config.model_name].name
+        model, initial_epoch = resumed_or_new(directory, name, new_model)
+        if model.output_shape[-1] != num_speakers:
+            raise CheckpointError(f'{last_checkpoint(directory, name)}: trained on {model.output_shape[-1]} speakers, '
+                                  f'but the model inputs have {num_speakers}; delete {directory} or use another '
+                                  f'--working_dir.')
+        logger.info('Softmax phase: %d speakers, %d training crops, %s parameters.', num_speakers,
+                    len(kx_train), f'{model.count_params():,}')
+        steps = config.steps_per_epoch or math.ceil(len(kx_train) / config.batch_size)
+        fit(model, initial_epoch, config.epochs, softmax_dataset(kx_train, ky_train, config.batch_size, config.seed),
+            softmax_dataset(kx_test, ky_test, config.batch_size, None), steps,
+            phase_callbacks(directory, working_dir.root, name, 'softmax', 'val_accuracy', 'max'))
+        return best_checkpoint(directory, name)
 
 
 def train_triplet(config: TrainConfig) -> Path:
@@ -190,40 +200,43 @@ def train_triplet(config: TrainConfig) -> Path:
     at a time (default `config.batch_size`: a refresh then needs less memory than a training step, at any width).
     """
     working_dir, converter, directory = phase_inputs(config, 'triplet')
-    kx_train, ky_train = converter.load('train')
-    kx_test, ky_test = converter.load('test')
-    name = MODELS[config.model_name].name
-    seed, batch_size = config.seed, config.batch_size
+    with training_lock(directory):
+        kx_train, ky_train = converter.load('train')
+        kx_test, ky_test = converter.load('test')
+        name = MODELS[config.model_name].name
+        seed, batch_size = config.seed, config.batch_size
 
-    def new_model():
-        pre_trained = working_dir.best_checkpoint('softmax', name)
-        if pre_trained.exists():
-            dsm = build_model(str(pre_trained), config.model_name)
-            logger.info('Initialising from the softmax checkpoint %s, with its architecture.', pre_trained)
-        else:
-            logger.warning('No softmax checkpoint in %s: triplet training starts from random weights.',
-                           pre_trained.parent)
-            dsm = MODELS[config.model_name](width=config.width, **config.model_options)
-        dsm.m.compile(optimizer=keras.optimizers.SGD(config.learning_rate or TRIPLET_LEARNING_RATE,
-                                                     momentum=TRIPLET_MOMENTUM),
-                      loss=deep_speaker_loss)
-        return dsm.m
+        def new_model():
+            pre_trained = working_dir.best_checkpoint('softmax', name)
+            if pre_trained.exists():
+                dsm = build_model(str(pre_trained), config.model_name)
+                logger.info('Initialising from the softmax checkpoint %s, with its architecture.', pre_trained)
+            elif config.from_scratch:
+                logger.warning('No softmax checkpoint in %s: triplet training starts from random weights, as '
+                               'asked.', pre_trained.parent)
+                dsm = MODELS[config.model_name](width=config.width, **config.model_options)
+            else:
+                raise NoPretrainingError(pre_trained)
+            dsm.m.compile(optimizer=keras.optimizers.SGD(config.learning_rate or TRIPLET_LEARNING_RATE,
+                                                         momentum=TRIPLET_MOMENTUM),
+                          loss=deep_speaker_loss)
+            return dsm.m
 
-    model, initial_epoch = resumed_or_new(directory, name, new_model)
-    callbacks = phase_callbacks(directory, working_dir.root, name, 'triplet', 'val_loss', 'min')
-    selector = random_triplets
-    if config.mining != 'random':
-        selector = HardNegativeMiner(ky_train, config.mining, min(config.history_size, len(ky_train)),
-                                     seed + initial_epoch)
-        callbacks.append(MiningRefresh(selector, kx_train, config.refresh_every,
-                                       config.inference_batch or batch_size))
-    train_batcher = TripletBatcher(kx_train, ky_train, seed=seed + initial_epoch, selector=selector)
-    test_batcher = TripletBatcher(kx_test, ky_test, seed=seed)
-    validation = [test_batcher.get_batch(batch_size) for _ in range(TRIPLET_VALIDATION_BATCHES)]
-    validation = (np.concatenate([x for x, _ in validation]), np.concatenate([y for _, y in validation]))
-    validation = tf.data.Dataset.from_tensor_slices(validation).batch(3 * (batch_size // 3))
-    logger.info('Triplet phase: %d speakers, %s parameters, %s triplets.', converter.num_speakers,
-                f'{model.count_params():,}', config.mining)
-    fit(model, initial_epoch, config.epochs, triplet_dataset(train_batcher, batch_size), validation,
-        config.steps_per_epoch or TRIPLET_STEPS_PER_EPOCH, callbacks)
-    return best_checkpoint(directory, name)
+        model, initial_epoch = resumed_or_new(directory, name, new_model)
+        callbacks = phase_callbacks(directory, working_dir.root, name, 'triplet', 'val_loss', 'min')
+        selector = random_triplets
+        if config.mining != 'random':
+            selector = HardNegativeMiner(ky_train, config.mining, min(config.history_size, len(ky_train)),
+                                         seed + initial_epoch)
+            callbacks.append(MiningRefresh(selector, kx_train, config.refresh_every,
+                                           config.inference_batch or batch_size))
+        train_batcher = TripletBatcher(kx_train, ky_train, seed=seed + initial_epoch, selector=selector)
+        test_batcher = TripletBatcher(kx_test, ky_test, seed=seed)
+        validation = [test_batcher.get_batch(batch_size) for _ in range(TRIPLET_VALIDATION_BATCHES)]
+        validation = (np.concatenate([x for x, _ in validation]), np.concatenate([y for _, y in validation]))
+        validation = tf.data.Dataset.from_tensor_slices(validation).batch(3 * (batch_size // 3))
+        logger.info('Triplet phase: %d speakers, %s parameters, %s triplets.', converter.num_speakers,
+                    f'{model.count_params():,}', config.mining)
+        fit(model, initial_epoch, config.epochs, triplet_dataset(train_batcher, batch_size), validation,
+            config.steps_per_epoch or TRIPLET_STEPS_PER_EPOCH, callbacks)
+        return best_checkpoint(directory, name)

@@ -5,7 +5,9 @@ the one atomic-write helper used by the cache, the model inputs and the checkpoi
 Imports only constants (and the standard library), so the data modules and the training modules can share it.
 """
 
+import fcntl
 import json
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -20,7 +22,10 @@ from constants import (
     KERAS_INPUTS_SUBDIR,
     LOGS_SUBDIR,
     SKIPPED_FILES_REPORT,
+    TRAINING_LOCK,
 )
+
+logger = logging.getLogger(__name__)
 
 PHASE_DIRS = {'softmax': CHECKPOINTS_SOFTMAX_DIR, 'triplet': CHECKPOINTS_TRIPLET_DIR}
 INPUTS_META = 'meta.json'
@@ -85,6 +90,47 @@ def remove_orphan_temp_files(directory: Path, pattern: str) -> int:
     for tmp in orphans:
         tmp.unlink(missing_ok=True)
     return len(orphans)
+
+
+class LockedError(RuntimeError):
+    """A directory that another live process holds the training lock of: `path` (the lock file), `pid` (its
+    holder)."""
+
+    def __init__(self, path: Path, pid: int):
+        super().__init__(f'{path}: held by process {pid}.')
+        self.path, self.pid = path, pid
+
+
+def lock_holder(path: Path) -> int:
+    """The pid written in a lock file; 0 when it holds none."""
+    try:
+        return int(path.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+@contextmanager
+def training_lock(directory: Path) -> Iterator[Path]:
+    """Holds `directory/TRAINING_LOCK` (an flock, released by the kernel when the process ends, however it ends;
+    the file names the holder's pid) for the block; LockedError naming the holder when another process holds it.
+    A file left by a killed run (its pid gone) is taken over, and said so."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / TRAINING_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockedError(path, lock_holder(path)) from None
+        previous = lock_holder(path)
+        if previous and previous != os.getpid() and not process_is_alive(previous):
+            logger.info('%s: taking over the lock of process %d, which is no longer running.', path, previous)
+        os.ftruncate(fd, 0)
+        os.write(fd, f'{os.getpid()}\n'.encode())
+        yield path
+        os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)

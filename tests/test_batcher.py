@@ -9,7 +9,7 @@ import pytest
 
 import audio
 import batcher
-from batcher import KerasFormatConverter, Source, TripletBatcher, random_triplets, sample_from_mfcc
+from batcher import InputsError, KerasFormatConverter, Source, TripletBatcher, random_triplets, sample_from_mfcc
 from constants import NUM_FRAMES
 from workdir import NotBuiltError
 
@@ -348,3 +348,13 @@ def test_speaker_with_a_single_crop_raises():
     kx, ky = labelled_crops([3, 1, 3])
     with pytest.raises(ValueError, match=r'\[1\]'):
         TripletBatcher(kx, ky, seed=0)
+
+
+def test_inputs_of_one_speaker_are_refused_when_loaded(working_dir, tmp_path):
+    """Inputs built by an earlier version from a one-speaker cache: training refuses them before it starts."""
+    converter = KerasFormatConverter(str(copy_cache(working_dir, tmp_path)))
+    converter.generate(counts_per_speaker=COUNTS, seed=1)
+    np.save(converter.path('ky_train.npy'), np.zeros(COUNTS[0] * 3, dtype=np.int32))
+    with pytest.raises(InputsError, match=r'ky_train.npy: crops of 1 speaker found, 2 needed'):
+        converter.load('train')
+    assert len(converter.load('test')) == 2

@@ -4,9 +4,11 @@ over a state file left one epoch behind, and ReduceLROnPlateau / EarlyStopping c
 import json
 import os
 import shutil
+import warnings
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+import h5py  # noqa: E402
 import keras  # noqa: E402
 import pytest  # noqa: E402
 
@@ -15,8 +17,10 @@ from checkpoints import (  # noqa: E402
     CheckpointError,
     build_model,
     checkpoint_architecture,
+    load_checkpoint,
     read_state,
     resumed_or_new,
+    weighted_layer_names,
 )
 from conv_models import DeepSpeakerModel  # noqa: E402
 from train import phase_callbacks  # noqa: E402
@@ -96,8 +100,45 @@ def test_a_keras_file_of_another_project_is_a_checkpoint_error(tmp_path):
         build_model(path)
 
 
-def test_a_keras_file_that_is_not_an_archive_is_a_checkpoint_error(tmp_path):
-    path = tmp_path / 'ResCNN_best.keras'
-    path.write_bytes(b'not a zip archive')
-    with pytest.raises(CheckpointError, match='ResCNN_best.keras: does not fit this model'):
-        checkpoint_architecture(str(path))
+@pytest.mark.parametrize(('name', 'message'), [
+    ('ResCNN_best.keras', 'not a zip archive (a text file?); expected a .keras checkpoint (a zip archive written by '
+                          'Keras 3).'),
+    ('ResCNN.h5', 'not an HDF5 file (a text file?); expected a Keras-2 .h5 checkpoint (an HDF5 file).'),
+    ('ResCNN.weights.h5', 'not an HDF5 file (a text file?); expected Keras 3 weights (.weights.h5, an HDF5 file).'),
+])
+def test_a_text_file_named_as_a_checkpoint_says_what_it_is_and_what_was_expected(tmp_path, name, message):
+    path = tmp_path / name
+    path.write_text('not a checkpoint\n')
+    with pytest.raises(CheckpointError) as error:
+        build_model(str(path), width=SMALL_WIDTH)
+    assert str(error.value) == f'{path}: {message}'
+
+
+def test_weights_of_another_width_name_the_layer_and_both_shapes_without_warnings(tmp_path):
+    path = str(tmp_path / 'wide.weights.h5')
+    DeepSpeakerModel(width=2 * SMALL_WIDTH).m.save_weights(path)
+    narrow = DeepSpeakerModel(width=SMALL_WIDTH)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(CheckpointError) as error:
+        warnings.simplefilter('always')
+        load_checkpoint(narrow.m, path)
+    assert str(error.value) == (f'{path}: weights of another architecture: layer conv64-s has (5,5,1,16), the model '
+                                f'(5,5,1,8); check --width and --model (or the number of speakers of a softmax '
+                                f'model).')
+    assert [str(w.message) for w in caught] == []
+
+
+def test_a_keras_2_h5_of_another_width_names_the_layer_and_both_shapes(tmp_path):
+    path = str(tmp_path / 'wide.h5')
+    wide = DeepSpeakerModel(width=2 * SMALL_WIDTH).m
+    with h5py.File(path, 'w') as f:  # the layout of a Keras-2 weights file: layer_names, weight_names, datasets.
+        names = weighted_layer_names(wide)
+        f.attrs['layer_names'] = [n.encode() for n in names]
+        for name in names:
+            group = f.create_group(name)
+            weights = wide.get_layer(name).weights
+            group.attrs['weight_names'] = [f'{name}/{i}'.encode() for i in range(len(weights))]
+            for i, w in enumerate(weights):
+                group.create_dataset(f'{name}/{i}', data=w.numpy())
+    with pytest.raises(CheckpointError, match=r'wide.h5: weights of another architecture: layer conv64-s has '
+                                              r'\(5,5,1,16\), the model \(5,5,1,8\)'):
+        load_checkpoint(DeepSpeakerModel(width=SMALL_WIDTH).m, path)

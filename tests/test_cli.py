@@ -4,6 +4,7 @@ README's example and the one-line errors of bad input."""
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -46,13 +47,18 @@ def test_pipeline_writes_every_stage(trained_dir):
         assert (trained_dir / phase / 'history.csv').read_text().count('\n') == 2
 
 
-def test_test_model_prints_the_four_metrics(trained_dir):
+def test_test_model_prints_the_four_metrics_and_tensorflow_notices_only_with_verbose(trained_dir):
+    """TensorFlow's C++ libraries print absl / oneDNN notices while it is imported: only --verbose shows them."""
+    from constants import TENSORFLOW_STARTUP_NOTICES
     result = run('cli.py', 'test-model', '--working_dir', str(trained_dir))
     match = METRICS_LINE.search(result.stdout)
     assert match, result.stdout
     assert all(0.0 <= float(value) <= 1.0 for value in match.groups())
-    again = run('cli.py', 'test-model', '--working_dir', str(trained_dir))
+    again = run('cli.py', '--verbose', 'test-model', '--working_dir', str(trained_dir))
     assert METRICS_LINE.search(again.stdout).groups() == match.groups()
+    assert [notice for notice in TENSORFLOW_STARTUP_NOTICES if notice in result.stderr] == []
+    assert [notice for notice in TENSORFLOW_STARTUP_NOTICES if notice in again.stderr] == list(
+        TENSORFLOW_STARTUP_NOTICES)
 
 
 def test_triplet_phase_resumes_from_its_last_epoch(trained_dir):
@@ -135,3 +141,77 @@ def test_demo_with_another_model_trains_and_evaluates_that_model(tmp_path):
     for phase in ('checkpoints-softmax', 'checkpoints-triplets'):
         assert sorted(p.name for p in (demo_dir / phase).glob('*.keras')) == ['TDNN_best.keras', 'TDNN_last.keras']
     assert METRICS_LINE.search(result.stdout), result.stdout
+
+
+def test_version_is_an_option_and_a_command():
+    from cli import VERSION
+    assert run('cli.py', '--version').stdout.strip() == VERSION
+    assert run('cli.py', 'version').stdout.strip() == VERSION
+
+
+TWO_SPEAKERS = ['3005-163389-0004', '3005-163389-0007', '367-130732-0000', '367-130732-0006']
+
+
+@pytest.fixture(scope='module')
+def inputs_dir(tmp_path_factory, copy_librispeech) -> Path:
+    """A working dir with the cache and the model inputs of two speakers; nothing trained."""
+    root = tmp_path_factory.mktemp('inputs')
+    copy_librispeech(root / 'audio', TWO_SPEAKERS)
+    run('cli.py', 'build-mfcc-cache', '--working_dir', str(root / 'wd'), '--audio_dir', str(root / 'audio'))
+    run('cli.py', 'build-keras-inputs', '--working_dir', str(root / 'wd'), '--counts_per_speaker', '6,3')
+    return root / 'wd'
+
+
+def test_inputs_of_one_speaker_are_refused_with_the_numbers_found_and_needed(tmp_path, copy_librispeech):
+    copy_librispeech(tmp_path / 'audio', TWO_SPEAKERS[:2])
+    wd = tmp_path / 'wd'
+    run('cli.py', 'build-mfcc-cache', '--working_dir', str(wd), '--audio_dir', str(tmp_path / 'audio'))
+    result = run('cli.py', 'build-keras-inputs', '--working_dir', str(wd), check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f'Error: {wd / "audio-fbanks"}: features of 1 speaker found, 2 needed (softmax and triplet training); cache '
+        f'audio of more speakers, then build the model inputs again.')
+    assert not (wd / 'keras-inputs').exists()
+
+
+def test_triplet_phase_without_a_softmax_checkpoint_is_refused_naming_it_and_both_fixes(inputs_dir):
+    result = run('cli.py', 'train-model', '--working_dir', str(inputs_dir), '--epochs', '1', *TINY, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f'Error: {inputs_dir / "checkpoints-softmax" / "ResCNN_best.keras"}: no softmax checkpoint to start the '
+        f'triplet phase from; train the softmax phase first (train-model --pre_training_phase, ./deep-speaker '
+        f'train_softmax) or add --from_scratch to start from random weights.')
+    assert list((inputs_dir / 'checkpoints-triplets').glob('*.keras')) == []
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from workdir import training_lock
+with training_lock(Path(sys.argv[1])):
+    print('locked', flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_training_run_is_refused_naming_the_first_and_a_killed_runs_lock_is_taken_over(inputs_dir):
+    directory = inputs_dir / 'checkpoints-triplets'
+    holder = subprocess.Popen([sys.executable, '-c', HOLD_LOCK, str(directory)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        train = ('cli.py', 'train-model', '--working_dir', str(inputs_dir), '--from_scratch', '--epochs', '1',
+                 '--steps_per_epoch', '1', '--triplet_mining', 'random', *TINY)
+        refused = run(*train, check=False)
+        assert refused.returncode == 1
+        assert refused.stderr.strip().splitlines()[-1] == (
+            f'Error: --working_dir {inputs_dir}: process {holder.pid} is training this phase '
+            f'({directory / ".train.lock"}); wait for it to end or use another --working_dir.')
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    trained = run(*train)
+    assert f'taking over the lock of process {holder.pid}, which is no longer running' in trained.stderr
+    assert 'starts from random weights, as asked' in trained.stderr
+    assert (directory / 'ResCNN_last.keras').is_file()
+

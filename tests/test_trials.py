@@ -76,6 +76,32 @@ def test_read_trials_missing_file_message_names_the_path(tmp_path, audio_root):
         evaluation.read_trials(trials_file, str(audio_root))
 
 
+def test_read_trials_accepts_kaldi_lines_mixed_with_voxceleb_lines(tmp_path, audio_root):
+    trials_file = write_list(tmp_path / 'trials.txt', [f'{SHORT_A1} {SHORT_A2} target',
+                                                       f'{SHORT_A1}\t{SHORT_B1} nontarget',
+                                                       f'0 {SHORT_B1} {SHORT_A2}'])
+    trials = evaluation.read_trials(trials_file, str(audio_root))
+    assert trials.labels.tolist() == [1, 0, 0]
+    assert trials.files == [audio_root / SHORT_A1, audio_root / SHORT_A2, audio_root / SHORT_B1]
+    assert trials.enrol.tolist() == [0, 0, 2] and trials.test.tolist() == [1, 2, 1]
+
+
+@pytest.mark.parametrize('name', ['../outside.flac', '3005/../../outside.flac', '/etc/hostname', '.'])
+def test_read_trials_refuses_a_path_outside_the_audio_root_naming_file_and_line(tmp_path, audio_root, name):
+    (tmp_path / 'outside.flac').write_bytes((audio_root / SHORT_A1).read_bytes())
+    trials_file = write_list(tmp_path / 'trials.txt', [f'1 {SHORT_A1} {SHORT_A2}', f'0 {SHORT_A1} {name}'])
+    with pytest.raises(evaluation.TrialError) as error:
+        evaluation.read_trials(trials_file, str(audio_root))
+    assert str(error.value) == (f'{trials_file}:2: {name} is outside --audio_root {audio_root}; trial paths must '
+                                f'lie under it.')
+
+
+def test_read_trials_accepts_an_absolute_path_inside_the_audio_root(tmp_path, audio_root):
+    trials_file = write_list(tmp_path / 'trials.txt', [f'1 {audio_root / SHORT_A1} {SHORT_A2}'])
+    assert evaluation.read_trials(trials_file, str(audio_root)).files == [audio_root / SHORT_A1,
+                                                                          audio_root / SHORT_A2]
+
+
 @pytest.mark.parametrize('content', ['', '\n\n   \n'])
 def test_read_trials_empty_list_raises(tmp_path, audio_root, content):
     trials_file = tmp_path / 'trials.txt'
@@ -299,3 +325,33 @@ def test_cli_eval_trials_with_a_missing_file_is_a_one_line_error(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f'Error: {trials_file}:3: ') and 'absent.flac does not exist' in last
     assert not (tmp_path / 's.csv').exists()
+
+
+def test_cli_eval_trials_skips_undecodable_files_with_their_trials_or_refuses_with_strict(tmp_path, model,
+                                                                                          copy_librispeech):
+    root = tmp_path / 'audio'
+    copy_librispeech(root, [Path(name).stem for name in (SHORT_A1, SHORT_A2, SHORT_B1, SHORT_B2)])
+    bad = root / '367' / '130732' / 'broken.flac'
+    bad.write_text('not audio\n')
+    checkpoint = tmp_path / 'tiny.keras'
+    model.m.save(checkpoint)
+    good = [f'1 {SHORT_A1} {SHORT_A2}', f'1 {SHORT_B1} {SHORT_B2}', f'0 {SHORT_A1} {SHORT_B1}',
+            f'0 {SHORT_A2} {SHORT_B2}']
+    broken = [f'1 {SHORT_B1} 367/130732/broken.flac', f'367/130732/broken.flac {SHORT_A1} nontarget']
+    trials_file = write_list(tmp_path / 'trials.txt', good[:2] + broken + good[2:])
+    scores_file = tmp_path / 'scores.csv'
+    options = ['eval-trials', '--trials', trials_file, '--audio_root', str(root), '--checkpoint_file',
+               str(checkpoint), '--scores_file', str(scores_file)]
+    result = run_cli(*options)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert RESULT_LINE.search(result.stdout)
+    listed = tmp_path / 'trials.skipped.txt'
+    assert (f'Skipped 1 files that could not be decoded and their 2 trials (listed in {listed}); scoring the other '
+            f'4 trials.') in result.stderr
+    assert listed.read_text().startswith(f'{bad}: not a readable wav/flac file')
+    with open(scores_file, newline='') as f:
+        assert [f"{r['label']} {r['enrol']} {r['test']}" for r in csv.DictReader(f)] == good
+
+    strict = run_cli(*options, '--strict')
+    assert strict.returncode == 1
+    assert strict.stderr.strip().splitlines()[-1].startswith(f'Error: {bad}: not a readable wav/flac file')
