@@ -70,6 +70,18 @@ PREDICT_BATCH_SIZE = 64  # crops per forward pass at inference.
 EMBEDDING_FILES_PER_CHUNK = 32  # utterances whose windows go through one predict call.
 DCF_P_TARGET = 0.01
 
+# Speaker toolkit (speaker.py): embed, verify, enrol, identify, cluster.
+MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'models')
+DEFAULT_CHECKPOINT = os.path.join(MODELS_DIR, 'ResCNN-w0.25-librispeech100.keras')  # shipped: see the README.
+CALIBRATION_SUFFIX = '.calibration.json'  # <checkpoint>.calibration.json: thresholds eval-trials measured.
+OPERATING_POINTS = ('eer', 'min_dcf')  # the calibrated thresholds: at the EER, at minDCF(DCF_P_TARGET).
+FINGERPRINT_HASH_CHARS = 12  # hex digits of the weights' SHA-256 in a model fingerprint.
+LIST_FILE_EXTENSIONS = ('.txt', '.lst', '.scp')  # an input with one of these suffixes lists audio files.
+MAX_SPEAKER_NAME_LENGTH = 100  # characters.
+UNKNOWN_SPEAKER = 'unknown'  # identify's answer when no enrolled speaker reaches the threshold.
+DEFAULT_TOP_K = 5  # candidates identify returns per file.
+FEATURE_WORKERS = 2  # threads computing features while the model embeds (numpy, soundfile release the GIL).
+
 # Working directory layout.
 DEFAULT_WORKING_DIR = os.path.expanduser('~/.deep-speaker-wd')
 CACHE_SUBDIR = 'audio-fbanks'

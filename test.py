@@ -18,7 +18,7 @@ from conv_models import SpeakerModel
 from embedding import Embedder, embed_crops
 from embedding import embed_utterances as embed_utterances
 from embedding import utterance_windows as utterance_windows
-from eval_metrics import Metrics, equal_error_rate, evaluate, min_dcf, plot_det
+from eval_metrics import Metrics, eer_threshold, equal_error_rate, evaluate, min_dcf, min_dcf_threshold, plot_det
 
 logger = logging.getLogger(__name__)
 
@@ -141,13 +141,17 @@ def concatenated_embeddings(embeddings: list[np.ndarray], weights: list[float]) 
 
 
 class TrialsResult(NamedTuple):
-    """What evaluate_trials measured: EER (fraction), minDCF at DCF_P_TARGET, and where the scores went."""
+    """What evaluate_trials measured: EER (fraction), minDCF at DCF_P_TARGET, where the scores went, the score
+    thresholds at the EER and at minDCF (accept score >= threshold), and the fingerprint of each model."""
     equal_error_rate: float
     min_dcf: float
     scores_file: str
     num_target: int
     num_nontarget: int
     num_files: int
+    eer_threshold: float
+    min_dcf_threshold: float
+    fingerprints: list[str]
 
 
 def evaluate_trials(trials_file: str, audio_root: str, checkpoint_files: list[str], model: str = 'rescnn',
@@ -161,8 +165,8 @@ def evaluate_trials(trials_file: str, audio_root: str, checkpoint_files: list[st
     trials = read_trials(trials_file, audio_root)
     if len(set(trials.labels.tolist())) < 2:
         raise TrialError(f'{trials_file}: needs both target (1) and non-target (0) trials.')
-    embeddings = [Embedder.from_checkpoint(path, model, width, crop).embed_files(trials.files)
-                  for path in checkpoint_files]
+    embedders = [Embedder.from_checkpoint(path, model, width, crop) for path in checkpoint_files]
+    embeddings = [embedder.embed_files(trials.files) for embedder in embedders]
     if fusion == 'concat':
         scores = score_trials(concatenated_embeddings(embeddings, weights), trials)
     else:
@@ -172,7 +176,9 @@ def evaluate_trials(trials_file: str, audio_root: str, checkpoint_files: list[st
     if det_plot:
         plot_det(scores, trials.labels, det_plot, title=' + '.join(Path(p).name for p in checkpoint_files))
     result = TrialsResult(equal_error_rate(scores, trials.labels), min_dcf(scores, trials.labels, DCF_P_TARGET),
-                          scores_file, int(trials.labels.sum()), int((trials.labels == 0).sum()), len(trials.files))
+                          scores_file, int(trials.labels.sum()), int((trials.labels == 0).sum()), len(trials.files),
+                          eer_threshold(scores, trials.labels), min_dcf_threshold(scores, trials.labels, DCF_P_TARGET),
+                          [embedder.fingerprint for embedder in embedders])
     logger.info('%d target and %d non-target trials over %d utterances; scores in %s.', result.num_target,
                 result.num_nontarget, result.num_files, scores_file)
     return result
