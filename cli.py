@@ -344,12 +344,13 @@ def load_encoder(checkpoint_file: str, model: str, width: float | None):
 
 
 def embedded_inputs(encoder, inputs: tuple[str, ...]) -> tuple[list, object]:
-    """The audio inputs that embedded and their EmbeddedFiles; each skipped file is logged with its reason."""
+    """The audio inputs that embedded and their EmbeddedFiles; each skipped file is listed on stderr with the
+    reason."""
     from speaker import audio_inputs
     entries = audio_inputs(inputs)
     embedded = encoder.embed_files([entry.path for entry in entries], progress=True)
     for path, reason in embedded.skipped:
-        logger.warning('Skipped %s: %s', path, reason)
+        click.echo(f'Skipped {path}: {reason}', err=True)
     by_path = {entry.path: entry for entry in entries}
     return [by_path[path] for path in embedded.paths], embedded
 

@@ -19,10 +19,21 @@ from conv_models import SpeakerModel
 from features import read_features, signal_features
 
 
+def bucketed_count(count: int, batch_size: int) -> int:
+    """`count` rounded up so that its last partial batch holds a power of two: predict then sees at most
+    log2(batch_size) + 2 batch shapes, and traces its graph that many times instead of once per new count."""
+    full, rest = divmod(count, batch_size)
+    return full * batch_size + (1 << (rest - 1).bit_length() if rest else 0)
+
+
 def embed_crops(model: keras.Model, crops: np.ndarray, batch_size: int | None = None) -> np.ndarray:
     """Embeddings of crops (n, frames, 64, 1) float32: (n, dims) float32, in chunks of `batch_size` (default
-    PREDICT_BATCH_SIZE), inference mode, no gradient state."""
-    return model.predict(crops, batch_size=batch_size or PREDICT_BATCH_SIZE, verbose=0)
+    PREDICT_BATCH_SIZE), inference mode, no gradient state. The crops are padded with zero crops to
+    bucketed_count (their embeddings dropped), so that embedding files one by one does not retrace the graph."""
+    batch_size = batch_size or PREDICT_BATCH_SIZE
+    padding = bucketed_count(len(crops), batch_size) - len(crops)
+    padded = np.concatenate([crops, np.zeros((padding, *crops.shape[1:]), dtype=crops.dtype)]) if padding else crops
+    return model.predict(padded, batch_size=batch_size, verbose=0)[:len(crops)]
 
 
 def utterance_windows(mfcc: np.ndarray, crop: bool = False) -> np.ndarray:
