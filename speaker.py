@@ -497,7 +497,7 @@ class SpeakerProfiles:
             raise SpeakerError(f'{self.path}: no enrolled speakers; enrol some first.')
         if threshold is not None:
             check_threshold(threshold)
-        scores = unit_rows(embeddings) @ self.matrix().T
+        scores = (self.matrix() @ unit_rows(embeddings).T).T  # (n, speakers); a matrix-vector product for one.
         k = min(top_k, scores.shape[1])
         best = np.argpartition(-scores, k - 1, axis=1)[:, :k]
         names = self.names
