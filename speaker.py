@@ -155,8 +155,9 @@ def list_file_inputs(list_file: Path) -> list[AudioInput]:
         if line.endswith('|'):
             raise SpeakerError(f'{where}: a piped command ({line!r}); write the audio to .wav or .flac files first '
                                f'(e.g. with sox or ffmpeg) and list their paths.')
-        whole = listed_path(line, list_file)
-        name, text = (line, line) if whole or len(line.split(maxsplit=1)) == 1 else line.split(maxsplit=1)
+        whole = listed_path(line, list_file)  # a path with spaces is a whole line, not `utterance-id path`.
+        fields = line.split(maxsplit=1)
+        name, text = (line, line) if whole or len(fields) == 1 else fields
         path = whole or listed_path(text, list_file)
         if path is None:
             raise SpeakerError(f'{where}: no such audio file {text!r}; paths are relative to the current directory '
