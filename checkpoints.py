@@ -6,6 +6,7 @@ Imports the models (conv_models, triplet_loss), workdir and constants; conv_mode
 load_checkpoint, checkpoint_architecture and build_model for the users of the original layout.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import h5py
 import keras
 import numpy as np
 
-from constants import CHECKPOINT_STATE_ENTRY, HDF5_SIGNATURE, ZIP_SIGNATURE
+from constants import CHECKPOINT_STATE_ENTRY, FINGERPRINT_HASH_CHARS, HDF5_SIGNATURE, ZIP_SIGNATURE
 from conv_models import MODELS, SpeakerModel
 from triplet_loss import deep_speaker_loss
 from workdir import atomic_path, best_checkpoint, last_checkpoint, remove_orphan_temp_files, state_file
@@ -244,6 +245,18 @@ def build_model(path: str, model: str = 'rescnn', width: float | None = None, **
     speaker_model = MODELS[model](width=width or 1.0, **kwargs)
     load_checkpoint(speaker_model.m, path)
     return speaker_model
+
+
+def model_fingerprint(speaker_model: SpeakerModel) -> str:
+    """A string naming the model's architecture and weights, e.g. 'ResCNN width=0.25 weights=3f1c9a0b2d4e':
+    the model name, its constructor options and the first FINGERPRINT_HASH_CHARS hex digits of the SHA-256 of its
+    weights. Two models give the same embeddings only if their fingerprints are equal."""
+    name, options = architecture_of(speaker_model.m.get_config(), speaker_model.m.name)
+    digest = hashlib.sha256()
+    for weight in speaker_model.m.get_weights():
+        digest.update(np.ascontiguousarray(weight, dtype=np.float32).tobytes())
+    described = ' '.join(f'{key}={json.dumps(value, separators=(",", ":"))}' for key, value in sorted(options.items()))
+    return f'{MODELS[name].name} {described} weights={digest.hexdigest()[:FINGERPRINT_HASH_CHARS]}'
 
 
 def read_state(directory: Path, name: str) -> dict:

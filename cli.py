@@ -1,12 +1,17 @@
-"""Command-line entry points of deep-speaker (click): cache features, build model inputs, train, evaluate.
+"""Command-line entry points of deep-speaker (click): cache features, build model inputs, train, evaluate, and the
+speaker toolkit (embed, verify, enroll, identify, profiles, cluster).
 
 Only parses options, calls one function per command and turns the domain errors of the modules below
-(AudioError, CheckpointError, TrialError, NotBuiltError, OSError) into one-line `Error: ...` messages that name
-the options and commands. Imports everything; nothing imports it."""
+(AudioError, CheckpointError, TrialError, SpeakerError, ClusteringError, NotBuiltError, OSError) into one-line
+`Error: ...` messages that name the options and commands. Imports everything; nothing imports it."""
 
+import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import click
 
@@ -15,13 +20,16 @@ from constants import (
     CHECKPOINTS_TRIPLET_DIR,
     COUNTS_PER_SPEAKER,
     DCF_P_TARGET,
+    DEFAULT_CHECKPOINT,
     DEFAULT_EPOCHS,
     DEFAULT_SEED,
+    DEFAULT_TOP_K,
     DEFAULT_TRIPLET_MINING,
     DEFAULT_WORKING_DIR,
     MINING_HISTORY_SIZE,
     MINING_REFRESH_EVERY,
     NUM_FRAMES,
+    OPERATING_POINTS,
     SAMPLE_RATE,
     SNR_RANGE_DB,
     SOFTMAX_LEARNING_RATE,
@@ -29,12 +37,13 @@ from constants import (
     TRIPLET_LEARNING_RATE,
     TRIPLET_MINING_MODES,
     TRIPLET_STEPS_PER_EPOCH,
+    UNKNOWN_SPEAKER,
 )
 from tf_startup import import_tensorflow
 from workdir import NotBuiltError, WorkingDir
 
 VERSION = '2.0.0'
-TENSORFLOW_COMMANDS = {'train-model', 'test-model', 'eval-trials'}
+TENSORFLOW_COMMANDS = {'train-model', 'test-model', 'eval-trials', 'embed', 'verify', 'enroll', 'identify', 'cluster'}
 logger = logging.getLogger('deep-speaker')
 
 working_dir_option = click.option('--working_dir', default=DEFAULT_WORKING_DIR, show_default=True,
@@ -282,13 +291,22 @@ def test_model(working_dir, checkpoint_file, model, width, seed):
 @click.option('--scores_file', default=None, type=click.Path(dir_okay=False),
               help='CSV of label,score,enrol,test [default: TRIALS_STEM.scores.csv in the current directory].')
 @click.option('--det_plot', default=None, type=click.Path(dir_okay=False), help='Draw the DET curve to this PNG.')
+@click.option('--calibration_file', default=None, type=click.Path(dir_okay=False),
+              help='Record the score thresholds at the EER and at minDCF here, for verify and identify (one '
+                   'checkpoint, whole utterances) [default: CHECKPOINT_FILE.calibration.json].')
 def eval_trials(trials_file, audio_root, strict, checkpoint_files, model, width, fusion, fusion_weights, crop,
-                scores_file, det_plot):
+                scores_file, det_plot, calibration_file):
     """EER and minDCF of one checkpoint, or of a fusion of several, on a trial list; each utterance is embedded
-    once per model, deterministically."""
+    once per model, deterministically. For one checkpoint without --crop, also records the thresholds at the EER
+    and at minDCF beside it (--calibration_file), which verify and identify use when given no --threshold."""
     from checkpoints import CheckpointError
     from features import AudioError
+    from speaker import Calibration, calibration_file_of
     from test import TrialError, evaluate_trials
+    calibrates = len(checkpoint_files) == 1 and not crop
+    if calibration_file and not calibrates:
+        fail('--calibration_file: thresholds are recorded for one --checkpoint_file without --crop (the '
+             'embeddings verify and identify use); drop --calibration_file or the fusion/--crop.')
     weights = None
     if fusion_weights:
         count = len(checkpoint_files)
@@ -301,6 +319,245 @@ def eval_trials(trials_file, audio_root, strict, checkpoint_files, model, width,
     except (TrialError, CheckpointError, AudioError) as e:
         fail(str(e))
     click.echo(f'EER = {100 * result.equal_error_rate:.2f} %, minDCF(p_target={DCF_P_TARGET}) = {result.min_dcf:.4f}')
+    if calibrates:
+        path = Path(calibration_file) if calibration_file else calibration_file_of(checkpoint_files[0])
+        calibration = Calibration(result.fingerprints[0], Path(trials_file).name, result.equal_error_rate,
+                                  result.min_dcf, result.eer_threshold, result.min_dcf_threshold)
+        try:
+            calibration.save(path)
+        except OSError as e:
+            fail(f'--calibration_file {path}: cannot write it ({e.strerror or e}); give a writable path.')
+        click.echo(f'Thresholds: {result.eer_threshold:.4f} at the EER, {result.min_dcf_threshold:.4f} at minDCF; '
+                   f'recorded in {path}')
+
+
+checkpoint_option = click.option(
+    '--checkpoint_file', default=DEFAULT_CHECKPOINT, type=click.Path(dir_okay=False),
+    show_default='models/ResCNN-w0.25-librispeech100.keras, shipped',
+    help='Checkpoint of the model: .keras (ours; says its own architecture), or .h5 / .weights.h5 with --model and '
+         '--width (the published ResCNN_triplet_training_checkpoint_265.h5: rescnn, width 1.0).')
+threshold_option = click.option(
+    '--threshold', default=None, type=click.FloatRange(-1.0, 1.0),
+    help='Cosine score threshold in [-1, 1] [default: the calibrated one, see --calibration_file].')
+operating_point_option = click.option(
+    '--operating_point', default='eer', show_default=True, type=click.Choice(OPERATING_POINTS),
+    help='Without --threshold: the calibrated threshold at the equal error rate or at minDCF (fewer false '
+         'accepts).')
+calibration_option = click.option(
+    '--calibration_file', default=None, type=click.Path(dir_okay=False),
+    help='Thresholds recorded by eval-trials [default: CHECKPOINT_FILE.calibration.json].')
+profiles_option = click.option('--profiles', 'profiles_file', required=True, type=click.Path(dir_okay=False),
+                               help='Speaker profile store (.npz) of enrolled speakers.')
+inputs_argument = click.argument('inputs', nargs=-1, required=True)
+
+
+@contextmanager
+def toolkit_errors() -> Iterator[None]:
+    """Turns the toolkit's domain errors (speaker, clustering, audio, checkpoint, file system) into `Error:` lines."""
+    from checkpoints import CheckpointError
+    from clustering import ClusteringError
+    from features import AudioError
+    from speaker import CalibrationMissing, SpeakerError
+    try:
+        yield
+    except CalibrationMissing as e:
+        fail(f'no --threshold and no calibration ({e.path} does not exist): give --threshold T, or run eval-trials '
+             f'with this --checkpoint_file on a trial list to record one.')
+    except (SpeakerError, ClusteringError, AudioError, CheckpointError) as e:
+        fail(str(e))
+    except OSError as e:
+        fail(os_error_message(e))
+
+
+def load_encoder(checkpoint_file: str, model: str, width: float | None):
+    """The SpeakerEncoder of a checkpoint, its errors as `Error:` lines."""
+    from speaker import SpeakerEncoder
+    with toolkit_errors():
+        return SpeakerEncoder(checkpoint_file, model, width)
+
+
+def embedded_inputs(encoder, inputs: tuple[str, ...]) -> tuple[list, object]:
+    """The audio inputs that embedded and their EmbeddedFiles; each skipped file is listed on stderr with the
+    reason."""
+    from speaker import audio_inputs
+    entries = audio_inputs(inputs)
+    embedded = encoder.embed_files([entry.path for entry in entries], progress=True)
+    for path, reason in embedded.skipped:
+        click.echo(f'Skipped {path}: {reason}', err=True)
+    by_path = {entry.path: entry for entry in entries}
+    return [by_path[path] for path in embedded.paths], embedded
+
+
+def skipped_note(embedded) -> str:
+    return f'; skipped {len(embedded.skipped)} (listed above)' if embedded.skipped else ''
+
+
+@cli.command()
+@inputs_argument
+@click.option('--out', required=True, type=click.Path(dir_okay=False),
+              help='.npz (names, paths, speakers, embeddings, fingerprint), .csv, or .ark/.scp (Kaldi: both written).')
+@checkpoint_option
+@model_option
+@checkpoint_width_option
+def embed(inputs, out, checkpoint_file, model, width):
+    """Embeds INPUTS (audio files, folders searched recursively, or .txt/.lst/.scp lists of paths or Kaldi wav.scp
+    lines) into --out; the first folder under a given folder names the speaker. Unreadable, empty, silent or
+    too-short files are skipped and listed."""
+    from speaker import check_embeddings_file, write_embeddings
+    with toolkit_errors():
+        check_embeddings_file(out)
+    encoder = load_encoder(checkpoint_file, model, width)
+    with toolkit_errors():
+        entries, embedded = embedded_inputs(encoder, inputs)
+        if not entries:
+            fail(f'none of the {len(embedded.skipped)} files could be embedded (reasons above); nothing written.')
+        write_embeddings(out, entries, embedded.embeddings, encoder.fingerprint)
+    click.echo(f'Embedded {len(entries)} files into {out}{skipped_note(embedded)}.')
+
+
+def resolved_threshold(encoder, threshold: float | None, operating_point: str, calibration_file: str | None):
+    """The decision threshold (given or calibrated), logged with where it came from."""
+    with toolkit_errors():
+        chosen = encoder.decision_threshold(threshold, operating_point, calibration_file)
+    logger.info('Threshold %.4f: %s.', chosen.value, 'given by --threshold' if chosen.source == 'given'
+                else chosen.source)
+    return chosen
+
+
+@cli.command()
+@click.argument('a', type=click.Path(exists=True, dir_okay=False))
+@click.argument('b', type=click.Path(exists=True, dir_okay=False))
+@checkpoint_option
+@model_option
+@checkpoint_width_option
+@threshold_option
+@operating_point_option
+@calibration_option
+@click.option('--json', 'as_json', is_flag=True, help='Print one JSON object (score, threshold, decision, source).')
+def verify(a, b, checkpoint_file, model, width, threshold, operating_point, calibration_file, as_json):
+    """Whether audio files A and B share a speaker: their cosine score against the threshold."""
+    encoder = load_encoder(checkpoint_file, model, width)
+    chosen = resolved_threshold(encoder, threshold, operating_point, calibration_file)
+    with toolkit_errors():
+        result = encoder.verify(a, b, chosen.value)
+    if as_json:
+        click.echo(json.dumps({'a': a, 'b': b, 'score': round(result.score, 6), 'threshold': result.threshold,
+                               'same_speaker': bool(result.same_speaker), 'threshold_source': chosen.source}))
+    else:
+        decision = 'same speaker' if result.same_speaker else 'different speakers'
+        click.echo(f'score = {result.score:.4f}, threshold = {result.threshold:.4f}: {decision}')
+
+
+@cli.command()
+@click.argument('files', nargs=-1, required=True)
+@profiles_option
+@click.option('--speaker', required=True, help='Name of the speaker to enrol (or to add files to).')
+@checkpoint_option
+@model_option
+@checkpoint_width_option
+def enroll(files, profiles_file, speaker, checkpoint_file, model, width):
+    """Enrols --speaker from FILES (audio files, folders or lists) into the --profiles store, created when missing;
+    enrolling more files later updates the speaker's mean embedding as if all were enrolled at once."""
+    from speaker import SpeakerProfiles, check_speaker_name
+    with toolkit_errors():
+        check_speaker_name(speaker)
+    encoder = load_encoder(checkpoint_file, model, width)
+    with toolkit_errors():
+        profiles = SpeakerProfiles.open(profiles_file, encoder.fingerprint)
+        entries, embedded = embedded_inputs(encoder, files)
+        if not entries:
+            fail(f'none of the {len(embedded.skipped)} files of --speaker {speaker} could be embedded (reasons '
+                 f'above); {profiles_file} unchanged.')
+        profiles.enroll(speaker, embedded.embeddings)
+        profiles.save()
+    click.echo(f'Enrolled {speaker} from {len(entries)} files ({profiles.counts[speaker.strip()]} in all) into '
+               f'{profiles_file}{skipped_note(embedded)}.')
+
+
+@cli.command()
+@inputs_argument
+@profiles_option
+@checkpoint_option
+@model_option
+@checkpoint_width_option
+@click.option('--top_k', default=DEFAULT_TOP_K, show_default=True, type=click.IntRange(min=1),
+              help='Candidates per file.')
+@threshold_option
+@operating_point_option
+@calibration_option
+@click.option('--out', default=None, type=click.Path(dir_okay=False), help='Also write the table to this CSV.')
+def identify(inputs, profiles_file, checkpoint_file, model, width, top_k, threshold, operating_point,
+             calibration_file, out):
+    """Who speaks in each of INPUTS: the --top_k enrolled speakers scoring at least the threshold, best first, or
+    "unknown" (with the best score) when none does. Prints file, rank, speaker, score."""
+    from speaker import SpeakerProfiles, write_table
+    encoder = load_encoder(checkpoint_file, model, width)
+    with toolkit_errors():
+        profiles = SpeakerProfiles.read(profiles_file, encoder.fingerprint)
+        if not profiles.names:
+            fail(f'--profiles {profiles_file}: no enrolled speakers; enrol some with enroll first.')
+    chosen = resolved_threshold(encoder, threshold, operating_point, calibration_file)
+    with toolkit_errors():
+        entries, embedded = embedded_inputs(encoder, inputs)
+        matches = profiles.identify(embedded.embeddings, top_k, chosen.value) if entries else []
+        rows = [(entry.path, rank, name, f'{score:.4f}') for entry, ranked in zip(entries, matches, strict=True)
+                for rank, (name, score) in enumerate(ranked, start=1)]
+        if out:
+            write_table(out, ('file', 'rank', 'speaker', 'score'), rows)
+    for row in rows:
+        click.echo('\t'.join(map(str, row)))
+    unknown = sum(ranked[0][0] == UNKNOWN_SPEAKER for ranked in matches)
+    logger.info('%d files identified, %d unknown%s.', len(entries), unknown, skipped_note(embedded))
+
+
+@cli.command()
+@profiles_option
+@click.option('--remove', default=None, help='Forget this speaker (the store is rewritten atomically).')
+def profiles(profiles_file, remove):
+    """Lists the speakers enrolled in --profiles with their number of files; --remove NAME forgets one."""
+    from speaker import SpeakerProfiles
+    with toolkit_errors():
+        store = SpeakerProfiles.read(profiles_file)
+        if remove is not None:
+            store.remove(remove)
+            store.save()
+            logger.info('Removed %s from %s.', remove, profiles_file)
+    click.echo(f'{len(store.names)} speakers in {profiles_file} (model: {store.fingerprint})')
+    for name in store.names:
+        click.echo(f'{name}\t{store.counts[name]} files')
+
+
+@cli.command()
+@inputs_argument
+@click.option('--out', required=True, type=click.Path(dir_okay=False), help='CSV of file, speaker, cluster.')
+@click.option('--num_speakers', default=None, type=click.IntRange(min=1), help='Number of clusters to make.')
+@click.option('--threshold', default=None, type=click.FloatRange(-1.0, 1.0),
+              help='Instead of --num_speakers: merge clusters while their average cosine similarity is at least '
+                   'this.')
+@checkpoint_option
+@model_option
+@checkpoint_width_option
+def cluster(inputs, out, num_speakers, threshold, checkpoint_file, model, width):
+    """Groups INPUTS by speaker: agglomerative clustering (average linkage) on the cosine distance of their
+    embeddings. When folders name the speakers of every file, prints purity, adjusted Rand index and NMI."""
+    from clustering import cluster_embeddings, clustering_scores
+    from speaker import write_table
+    if (num_speakers is None) == (threshold is None):
+        fail('give exactly one of --num_speakers K and --threshold T.')
+    encoder = load_encoder(checkpoint_file, model, width)
+    with toolkit_errors():
+        entries, embedded = embedded_inputs(encoder, inputs)
+        labels = cluster_embeddings(embedded.embeddings, num_speakers, threshold)
+        write_table(out, ('file', 'speaker', 'cluster'),
+                    [(entry.path, entry.speaker or '', int(label)) for entry, label in zip(entries, labels,
+                                                                                              strict=True)])
+    click.echo(f'{len(entries)} files in {len(set(labels.tolist()))} clusters, written to {out}'
+               f'{skipped_note(embedded)}.')
+    speakers = [entry.speaker for entry in entries]
+    if all(speakers):
+        scores = clustering_scores(speakers, labels)
+        click.echo(f'{len(set(speakers))} speakers: purity = {scores["purity"]:.4f}, adjusted Rand index = '
+                   f'{scores["ari"]:.4f}, NMI = {scores["nmi"]:.4f}')
 
 
 if __name__ == '__main__':

@@ -77,6 +77,18 @@ DCF_P_TARGET = 0.01
 TENSORFLOW_STARTUP_NOTICES = ('WARNING: All log messages before absl::InitializeLog() is called are written to STDERR',
                               '] oneDNN custom operations are on.')
 
+# Speaker toolkit (speaker.py): embed, verify, enrol, identify, cluster.
+MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'models')
+DEFAULT_CHECKPOINT = os.path.join(MODELS_DIR, 'ResCNN-w0.25-librispeech100.keras')  # shipped: see the README.
+CALIBRATION_SUFFIX = '.calibration.json'  # <checkpoint>.calibration.json: thresholds eval-trials measured.
+OPERATING_POINTS = ('eer', 'min_dcf')  # the calibrated thresholds: at the EER, at minDCF(DCF_P_TARGET).
+FINGERPRINT_HASH_CHARS = 12  # hex digits of the weights' SHA-256 in a model fingerprint.
+LIST_FILE_EXTENSIONS = ('.txt', '.lst', '.scp')  # an input with one of these suffixes lists audio files.
+MAX_SPEAKER_NAME_LENGTH = 100  # characters.
+UNKNOWN_SPEAKER = 'unknown'  # identify's answer when no enrolled speaker reaches the threshold.
+DEFAULT_TOP_K = 5  # candidates identify returns per file.
+FEATURE_WORKERS = 2  # threads computing features while the model embeds (numpy, soundfile release the GIL).
+
 # Working directory layout.
 DEFAULT_WORKING_DIR = os.path.expanduser('~/.deep-speaker-wd')
 CACHE_SUBDIR = 'audio-fbanks'

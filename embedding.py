@@ -13,7 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from batcher import sample_from_mfcc
-from checkpoints import build_model
+from checkpoints import build_model, model_fingerprint
 from constants import EMBEDDING_FILES_PER_CHUNK, INFERENCE_BATCH_SIZE, NUM_FRAMES, WINDOW_HOP
 from conv_models import SpeakerModel
 from features import AudioError, read_features, signal_features
@@ -62,6 +62,11 @@ class Embedder:
         """An Embedder of the model a checkpoint was trained as (a .keras file says its own; `model` and `width`
         give the architecture of .h5 and .weights.h5 files)."""
         return cls(build_model(str(path), model, width), crop)
+
+    @property
+    def fingerprint(self) -> str:
+        """The model's architecture and weights hash (checkpoints.model_fingerprint)."""
+        return model_fingerprint(self.model)
 
     def embed_crops(self, crops: np.ndarray) -> np.ndarray:
         """(n, frames, 64, 1) crops to (n, dims) embeddings."""

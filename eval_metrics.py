@@ -83,6 +83,28 @@ def min_dcf(scores: np.ndarray, labels: np.ndarray, p_target: float = 0.01, c_mi
     return float(cost.min() / min(c_miss * p_target, c_fa * (1 - p_target)))
 
 
+def threshold_at(thresholds: np.ndarray, index: int) -> float:
+    """A score threshold that accepts the same scores as thresholds[index] (error_rates'), halfway between it and
+    the distinct score below it so that it holds for scores in between; just above the top score for inf."""
+    if index == 0:
+        return float(thresholds[0])
+    below = float(thresholds[index - 1])
+    return float(np.nextafter(below, np.inf)) if np.isinf(thresholds[index]) else (below + float(thresholds[index])) / 2
+
+
+def eer_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The score threshold (accept score >= it) where the miss rate first reaches the false-alarm rate."""
+    thresholds, p_miss, p_fa = error_rates(scores, labels)
+    return threshold_at(thresholds, int(np.argmax(p_miss >= p_fa)))
+
+
+def min_dcf_threshold(scores: np.ndarray, labels: np.ndarray, p_target: float = 0.01, c_miss: float = 1.0,
+                      c_fa: float = 1.0) -> float:
+    """The score threshold (accept score >= it) of the minimum detection cost (min_dcf's)."""
+    thresholds, p_miss, p_fa = error_rates(scores, labels)
+    return threshold_at(thresholds, int(np.argmin(c_miss * p_target * p_miss + c_fa * (1 - p_target) * p_fa)))
+
+
 def plot_det(scores: np.ndarray, labels: np.ndarray, path: str, title: str = 'DET curve') -> None:
     """Draws the DET curve (normal-deviate axes, EER marked) to a PNG file."""
     import matplotlib

@@ -19,7 +19,7 @@ from conv_models import SpeakerModel
 from embedding import Embedder, embed_crops
 from embedding import embed_utterances as embed_utterances
 from embedding import utterance_windows as utterance_windows
-from eval_metrics import Metrics, equal_error_rate, evaluate, min_dcf, plot_det
+from eval_metrics import Metrics, eer_threshold, equal_error_rate, evaluate, min_dcf, min_dcf_threshold, plot_det
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,8 @@ def concatenated_embeddings(embeddings: list[np.ndarray], weights: list[float]) 
 
 
 class TrialsResult(NamedTuple):
-    """What evaluate_trials measured: EER (fraction), minDCF at DCF_P_TARGET, where the scores went, and what was
+    """What evaluate_trials measured: EER (fraction), minDCF at DCF_P_TARGET, where the scores went, the score
+    thresholds at the EER and at minDCF (accept score >= threshold), the fingerprint of each model, and what was
     skipped (files that could not be decoded, their trials, the file listing them or None)."""
     equal_error_rate: float
     min_dcf: float
@@ -172,6 +173,9 @@ class TrialsResult(NamedTuple):
     num_target: int
     num_nontarget: int
     num_files: int
+    eer_threshold: float
+    min_dcf_threshold: float
+    fingerprints: list[str]
     skipped_files: int = 0
     skipped_trials: int = 0
     skipped_list: str | None = None
@@ -207,8 +211,8 @@ def evaluate_trials(trials_file: str, audio_root: str, checkpoint_files: list[st
     trials = read_trials(trials_file, audio_root)
     check_both_classes(trials_file, trials.labels)
     reasons: dict[int, str] | None = None if strict else {}
-    embeddings = [Embedder.from_checkpoint(path, model, width, crop).embed_files(trials.files, reasons)
-                  for path in checkpoint_files]
+    embedders = [Embedder.from_checkpoint(path, model, width, crop) for path in checkpoint_files]
+    embeddings = [embedder.embed_files(trials.files, reasons) for embedder in embedders]
     scores_file = scores_file or f'{Path(trials_file).stem}.scores.csv'
     skipped_list = Path(scores_file).with_name(Path(trials_file).stem + SKIPPED_TRIALS_SUFFIX)
     skipped_list.unlink(missing_ok=True)
@@ -233,6 +237,8 @@ def evaluate_trials(trials_file: str, audio_root: str, checkpoint_files: list[st
     used_files = len(set(trials.enrol.tolist()) | set(trials.test.tolist()))
     result = TrialsResult(equal_error_rate(scores, trials.labels), min_dcf(scores, trials.labels, DCF_P_TARGET),
                           scores_file, int(trials.labels.sum()), int((trials.labels == 0).sum()), used_files,
+                          eer_threshold(scores, trials.labels), min_dcf_threshold(scores, trials.labels, DCF_P_TARGET),
+                          [embedder.fingerprint for embedder in embedders],
                           len(reasons or {}), num_trials - len(trials.labels),
                           str(skipped_list) if reasons else None)
     logger.info('%d target and %d non-target trials over %d utterances; scores in %s.', result.num_target,
