@@ -80,3 +80,7 @@ CHECKPOINTS_TRIPLET_DIR = 'checkpoints-triplets'
 CHECKPOINT_STATE_ENTRY = 'deep_speaker_state.json'  # the training state inside each _last.keras archive.
 LOGS_SUBDIR = 'logs'
 DEFAULT_SEED = 123
+
+# Export, clustering and plots.
+TSNE_PERPLEXITY = 30.0  # t-SNE's effective number of neighbours; clipped below the number of points.
+TSNE_SEED = 0  # t-SNE's random state: the same embeddings give the same picture.
