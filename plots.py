@@ -38,15 +38,17 @@ def read_embeddings(path: str | Path) -> EmbeddingSet:
     """The arrays of an embeddings .npz (keys names, embeddings, speakers, fingerprint; no pickled objects).
     EmbeddingsFileError when the file is missing, not an .npz of those arrays, or their lengths differ."""
     fix = 'write it with the embed command'
+    keys = ('names', 'embeddings', 'speakers', 'fingerprint')
     try:
         with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in ('names', 'embeddings', 'speakers', 'fingerprint')}
+            missing = [key for key in keys if key not in npz.files]
+            arrays = {key: npz[key] for key in keys if key not in missing}
     except FileNotFoundError:
         raise EmbeddingsFileError(f'{path}: no such file; {fix}.') from None
-    except KeyError as e:
-        raise EmbeddingsFileError(f'{path}: no {e} array; not an embeddings file, {fix}.') from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise EmbeddingsFileError(f'{path}: not a readable .npz ({type(e).__name__}); {fix}.') from None
+    if missing:
+        raise EmbeddingsFileError(f'{path}: lacks {", ".join(missing)}; not an embeddings file, {fix}.')
     embeddings = arrays['embeddings']
     if embeddings.ndim != 2 or not len(arrays['names']) == len(arrays['speakers']) == len(embeddings):
         raise EmbeddingsFileError(f'{path}: embeddings {embeddings.shape} do not match {len(arrays["names"])} names '
