@@ -8,7 +8,7 @@ features.trim_silence does (95th percentile of |x|, exact selection by sorting),
 frame (a short utterance zero-padded), the model on all windows, their mean, L2-normalised. Audio the Python
 encoder refuses (empty, silent, or shorter than one 25 ms frame after trimming) gives an all-zero vector.
 
-Imports checkpoints, conv_models, features, workdir and constants.
+Imports checkpoints, conv_models, features and constants.
 """
 
 import logging
@@ -76,15 +76,16 @@ class PcmEmbedder(tf.Module):
 
     def __init__(self, speaker_model: SpeakerModel):
         super().__init__(name='deep_speaker')
-        self.model = speaker_model.m
-        self.weights = [v.value for v in self.model.variables]  # the tf.Variables: TFLite freezes these.
+        self.model_name = speaker_model.m.name
+        self.forward = speaker_model.m.__call__  # a bound method is not tracked: the weights are saved once,
+        self.weights = [v.value for v in speaker_model.m.variables]  # as these tf.Variables (TFLite freezes them).
         self.front_end = PcmToFbank(name='fbank')
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name='pcm')])
     def embed(self, pcm):
         speech, valid = trimmed(pcm)
         features = tf.reshape(self.front_end(tf.expand_dims(speech, 0)), [-1, NUM_FBANKS])
-        window_embeddings = self.model(tf.reshape(windows(features), [-1, NUM_FRAMES, NUM_FBANKS, 1]),
+        window_embeddings = self.forward(tf.reshape(windows(features), [-1, NUM_FRAMES, NUM_FBANKS, 1]),
                                        training=False)
         embedding = tf.math.l2_normalize(tf.reduce_mean(window_embeddings, axis=0))
         return {'embedding': tf.where(valid, embedding, tf.zeros_like(embedding))}
@@ -112,7 +113,7 @@ def save_tflite(module: PcmEmbedder, directory: Path) -> None:
     scratch = directory.with_name(directory.name + '.savedmodel')
     save_savedmodel(module, scratch)
     try:
-        flatbuffer = tflite_flatbuffer(scratch, module.model.name)
+        flatbuffer = tflite_flatbuffer(scratch, module.model_name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     directory.mkdir()
