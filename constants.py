@@ -68,6 +68,7 @@ EVAL_THRESHOLD_STEP = 0.001
 WINDOW_HOP = 80  # frames between two windows of a whole-utterance embedding (50 % overlap).
 PREDICT_BATCH_SIZE = 64  # crops per forward pass at inference.
 EMBEDDING_FILES_PER_CHUNK = 32  # utterances whose windows go through one predict call.
+FEATURE_THREADS = 2  # threads reading and featurising the next chunk of files while the model runs.
 DCF_P_TARGET = 0.01
 
 # Working directory layout.

@@ -6,6 +6,7 @@ batcher (the crop of a short utterance), features and constants.
 """
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import keras
@@ -14,7 +15,7 @@ from tqdm import tqdm
 
 from batcher import sample_from_mfcc
 from checkpoints import build_model
-from constants import EMBEDDING_FILES_PER_CHUNK, NUM_FRAMES, PREDICT_BATCH_SIZE, WINDOW_HOP
+from constants import EMBEDDING_FILES_PER_CHUNK, FEATURE_THREADS, NUM_FRAMES, PREDICT_BATCH_SIZE, WINDOW_HOP
 from conv_models import SpeakerModel
 from features import read_features, signal_features
 
@@ -73,12 +74,24 @@ class Embedder:
         """An audio file (any rate, mono or not) to its embedding (dims,)."""
         return self.embed_features(read_features(str(path)))
 
+    def file_windows(self, path: str | Path) -> np.ndarray:
+        """The windows (utterance_windows) of an audio file's features: float32 (windows, NUM_FRAMES, 64, 1)."""
+        return utterance_windows(read_features(str(path)), self.crop)
+
     def embed_files(self, paths: Sequence[str | Path]) -> np.ndarray:
-        """Audio files to their embeddings, float32 (files, dims), EMBEDDING_FILES_PER_CHUNK files per predict."""
+        """Audio files to their embeddings, float32 (files, dims), EMBEDDING_FILES_PER_CHUNK files per predict;
+        FEATURE_THREADS threads compute the next chunk's features while the model runs on this one (the same
+        chunks, so the same numbers as computing them in turn)."""
+        chunks = [paths[start:start + EMBEDDING_FILES_PER_CHUNK]
+                  for start in range(0, len(paths), EMBEDDING_FILES_PER_CHUNK)]
         embeddings = []
-        for start in tqdm(range(0, len(paths), EMBEDDING_FILES_PER_CHUNK), desc='Embedding utterances', unit='chunk'):
-            chunk = paths[start:start + EMBEDDING_FILES_PER_CHUNK]
-            embeddings.append(self.pooled([utterance_windows(read_features(str(f)), self.crop) for f in chunk]))
+        with ThreadPoolExecutor(FEATURE_THREADS) as pool:
+            pending = [pool.submit(self.file_windows, f) for f in chunks[0]] if chunks else []
+            for number in tqdm(range(len(chunks)), desc='Embedding utterances', unit='chunk'):
+                following = [pool.submit(self.file_windows, f) for f in chunks[number + 1]] \
+                    if number + 1 < len(chunks) else []
+                embeddings.append(self.pooled([future.result() for future in pending]))
+                pending = following
         return np.concatenate(embeddings).astype(np.float32)
 
 
