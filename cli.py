@@ -37,13 +37,15 @@ from constants import (
     TRIPLET_LEARNING_RATE,
     TRIPLET_MINING_MODES,
     TRIPLET_STEPS_PER_EPOCH,
+    TSNE_PERPLEXITY,
     UNKNOWN_SPEAKER,
 )
 from tf_startup import import_tensorflow
 from workdir import NotBuiltError, WorkingDir
 
 VERSION = '2.0.0'
-TENSORFLOW_COMMANDS = {'train-model', 'test-model', 'eval-trials', 'embed', 'verify', 'enroll', 'identify', 'cluster'}
+TENSORFLOW_COMMANDS = {'train-model', 'test-model', 'eval-trials', 'embed', 'verify', 'enroll', 'identify', 'cluster',
+                       'export'}
 logger = logging.getLogger('deep-speaker')
 
 working_dir_option = click.option('--working_dir', default=DEFAULT_WORKING_DIR, show_default=True,
@@ -558,6 +560,52 @@ def cluster(inputs, out, num_speakers, threshold, checkpoint_file, model, width)
         scores = clustering_scores(speakers, labels)
         click.echo(f'{len(set(speakers))} speakers: purity = {scores["purity"]:.4f}, adjusted Rand index = '
                    f'{scores["ari"]:.4f}, NMI = {scores["nmi"]:.4f}')
+
+
+@cli.command('plot-embeddings')
+@click.argument('embeddings_file', type=click.Path(dir_okay=False))
+@click.option('--out', required=True, type=click.Path(dir_okay=False), help='PNG file to draw the map to.')
+@click.option('--perplexity', default=TSNE_PERPLEXITY, show_default=True, type=click.FloatRange(min=1),
+              help='t-SNE perplexity (about the number of close neighbours); clipped below the number of embeddings.')
+def plot_embeddings_command(embeddings_file, out, perplexity):
+    """Draws a t-SNE map of an embeddings .npz (from embed), coloured by speaker, to a PNG."""
+    from plots import EmbeddingsFileError, PlotError, plot_embeddings, read_embeddings
+    try:
+        embedding_set = read_embeddings(embeddings_file)
+        plot_embeddings(embedding_set, out, perplexity)
+    except EmbeddingsFileError as e:
+        fail(str(e))
+    except PlotError as e:
+        fail(f'{embeddings_file}: {e}')
+    except OSError as e:
+        fail(f'--out {out}: {e.strerror or e}.')
+    logger.info('Map of %d embeddings written to %s.', len(embedding_set.embeddings), out)
+
+
+@cli.command('export')
+@click.option('--checkpoint_file', required=True, type=click.Path(dir_okay=False),
+              help='Checkpoint to export (.keras, .weights.h5 or Keras-2 .h5).')
+@model_option
+@checkpoint_width_option
+@click.option('--out', required=True, type=click.Path(), help='Directory to write the exported model to.')
+@click.option('--format', 'export_format', default='savedmodel', show_default=True,
+              type=click.Choice(['savedmodel', 'tflite']),
+              help='SavedModel directory (signature serving_default: pcm -> embedding) or OUT/model.tflite.')
+@click.option('--overwrite', is_flag=True, help='Replace OUT if it exists.')
+def export_command(checkpoint_file, model, width, out, export_format, overwrite):
+    """Exports a graph from raw 16 kHz mono float32 PCM of any length to the whole-utterance unit embedding
+    (silence trimming, fbank and windows in the graph), as the Python encoder computes it."""
+    if os.path.exists(out) and not overwrite:
+        fail(f'--out {out}: already exists; choose another directory or add --overwrite.')
+    from checkpoints import CheckpointError
+    from export import ExportError, directory_size, export_checkpoint
+    try:
+        export_checkpoint(checkpoint_file, out, export_format, model, width, overwrite)
+    except (CheckpointError, ExportError) as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f'--out {out}: {e.strerror or e}.')
+    click.echo(f'{out}: {export_format}, {directory_size(out) / 1e6:.1f} MB.')
 
 
 if __name__ == '__main__':

@@ -71,6 +71,7 @@ EVAL_THRESHOLD_STEP = 0.001
 # Evaluation on trial lists.
 WINDOW_HOP = 80  # frames between two windows of a whole-utterance embedding (50 % overlap).
 EMBEDDING_FILES_PER_CHUNK = 32  # utterances whose windows go through one predict call.
+FEATURE_THREADS = 2  # threads reading and featurising the next chunk of files while the model runs.
 DCF_P_TARGET = 0.01
 
 # TensorFlow's start-up notices (tf_startup.py keeps them out of a normal run).
@@ -87,7 +88,6 @@ LIST_FILE_EXTENSIONS = ('.txt', '.lst', '.scp')  # an input with one of these su
 MAX_SPEAKER_NAME_LENGTH = 100  # characters.
 UNKNOWN_SPEAKER = 'unknown'  # identify's answer when no enrolled speaker reaches the threshold.
 DEFAULT_TOP_K = 5  # candidates identify returns per file.
-FEATURE_WORKERS = 2  # threads computing features while the model embeds (numpy, soundfile release the GIL).
 
 # Working directory layout.
 DEFAULT_WORKING_DIR = os.path.expanduser('~/.deep-speaker-wd')
@@ -107,3 +107,7 @@ HDF5_SIGNATURE = b'\x89HDF\r\n\x1a\n'  # first bytes of .h5 and .weights.h5 chec
 ZIP_SIGNATURE = b'PK\x03\x04'  # first bytes of .keras checkpoints.
 LOGS_SUBDIR = 'logs'
 DEFAULT_SEED = 123
+
+# Export, clustering and plots.
+TSNE_PERPLEXITY = 30.0  # t-SNE's effective number of neighbours; clipped below the number of points.
+TSNE_SEED = 0  # t-SNE's random state: the same embeddings give the same picture.

@@ -66,7 +66,7 @@ class PcmToFbank(layers.Layer):
         energies = tf.where(energies == 0, tf.constant(np.finfo(float).eps, tf.float32), energies)
         mean, variance = tf.nn.moments(energies, axes=[-1], keepdims=True)
         normalised = (energies - mean) / tf.maximum(tf.sqrt(variance), NORMALIZE_EPSILON)
-        return normalised[..., tf.newaxis]
+        return tf.expand_dims(normalised, -1)
 
     def compute_output_shape(self, input_shape):
         return input_shape[0], None, NUM_FBANKS, 1

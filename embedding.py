@@ -6,6 +6,7 @@ batcher (the crop of a short utterance), features and constants.
 """
 
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import keras
@@ -14,7 +15,7 @@ from tqdm import tqdm
 
 from batcher import sample_from_mfcc
 from checkpoints import build_model, model_fingerprint
-from constants import EMBEDDING_FILES_PER_CHUNK, INFERENCE_BATCH_SIZE, NUM_FRAMES, WINDOW_HOP
+from constants import EMBEDDING_FILES_PER_CHUNK, FEATURE_THREADS, INFERENCE_BATCH_SIZE, NUM_FRAMES, WINDOW_HOP
 from conv_models import SpeakerModel
 from features import AudioError, read_features, signal_features
 
@@ -92,24 +93,39 @@ class Embedder:
         """An audio file (any rate, mono or not) to its embedding (dims,)."""
         return self.embed_features(read_features(str(path)))
 
-    def embed_files(self, paths: Sequence[str | Path], skipped: dict[int, str] | None = None) -> np.ndarray:
-        """Audio files to their embeddings, float32 (files, dims), EMBEDDING_FILES_PER_CHUNK files per predict.
-        A file that cannot be decoded raises its AudioError; with a `skipped` dict, it gets a row of NaN instead,
-        and skipped[its index] = the reason."""
+    def file_windows(self, path: str | Path) -> np.ndarray:
+        """The windows (utterance_windows) of an audio file's features: float32 (windows, NUM_FRAMES, 64, 1)."""
+        return utterance_windows(read_features(str(path)), self.crop)
+
+    def embed_files(self, paths: Sequence[str | Path], skipped: dict[int, str] | None = None,
+                    progress: bool = True) -> np.ndarray:
+        """Audio files to their embeddings, float32 (files, dims), EMBEDDING_FILES_PER_CHUNK files per predict;
+        FEATURE_THREADS threads compute the next chunk's features while the model runs on this one (the same
+        chunks, so the same numbers as computing them in turn). A file that cannot be decoded raises its
+        AudioError; with a `skipped` dict, it gets a row of NaN instead, and skipped[its index] = the reason."""
         embeddings = np.full((len(paths), self.model.m.output_shape[-1]), np.nan, dtype=np.float32)
-        for start in tqdm(range(0, len(paths), EMBEDDING_FILES_PER_CHUNK), desc='Embedding utterances', unit='chunk'):
-            rows, windows = [], []
-            for row in range(start, min(start + EMBEDDING_FILES_PER_CHUNK, len(paths))):
-                try:
-                    windows.append(utterance_windows(read_features(str(paths[row])), self.crop))
-                except AudioError as e:
-                    if skipped is None:
-                        raise
-                    skipped[row] = str(e)
-                    continue
-                rows.append(row)
-            if rows:
-                embeddings[rows] = self.pooled(windows)
+        starts = range(0, len(paths), EMBEDDING_FILES_PER_CHUNK)
+        with ThreadPoolExecutor(FEATURE_THREADS) as pool:
+            def submit(start: int) -> list[tuple[int, Future]]:
+                rows = range(start, min(start + EMBEDDING_FILES_PER_CHUNK, len(paths)))
+                return [(row, pool.submit(self.file_windows, paths[row])) for row in rows]
+
+            pending = submit(0)
+            for start in tqdm(starts, desc='Embedding utterances', unit='chunk', disable=not progress):
+                following = submit(start + EMBEDDING_FILES_PER_CHUNK)
+                rows, windows = [], []
+                for row, future in pending:
+                    try:
+                        windows.append(future.result())
+                    except AudioError as e:
+                        if skipped is None:
+                            raise
+                        skipped[row] = str(e)
+                        continue
+                    rows.append(row)
+                if rows:
+                    embeddings[rows] = self.pooled(windows)
+                pending = following
         return embeddings
 
 

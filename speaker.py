@@ -20,13 +20,11 @@ import logging
 import re
 import zipfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from tqdm import tqdm
 
 from constants import (
     AUDIO_EXTENSIONS,
@@ -34,15 +32,13 @@ from constants import (
     DCF_P_TARGET,
     DEFAULT_CHECKPOINT,
     DEFAULT_TOP_K,
-    EMBEDDING_FILES_PER_CHUNK,
-    FEATURE_WORKERS,
     LIST_FILE_EXTENSIONS,
     MAX_SPEAKER_NAME_LENGTH,
     OPERATING_POINTS,
     UNKNOWN_SPEAKER,
 )
-from embedding import Embedder, utterance_windows
-from features import AudioError, read_features
+from embedding import Embedder
+from features import AudioError
 from workdir import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -191,27 +187,6 @@ def audio_inputs(inputs: Sequence[str | Path]) -> list[AudioInput]:
     return list(found.values())
 
 
-def features_or_reason(path: str) -> tuple[np.ndarray | None, str]:
-    """A file's normalised fbank (frames, 64) and '', or None and why it cannot be embedded."""
-    try:
-        return read_features(path), ''
-    except AudioError as e:
-        return None, str(e).removeprefix(f'{path}: ')
-
-
-def chunk_features(pool: Executor, paths: list[str]) -> Iterator[list[tuple[np.ndarray | None, str]]]:
-    """features_or_reason of each EMBEDDING_FILES_PER_CHUNK-file chunk of `paths`, in order, computed on `pool`
-    one chunk ahead of the consumer (memory stays bounded by two chunks)."""
-    size = EMBEDDING_FILES_PER_CHUNK
-    chunks = [paths[start:start + size] for start in range(0, len(paths), size)]
-    pending: list[Future] = [pool.submit(features_or_reason, p) for p in chunks[0]] if chunks else []
-    for index in range(len(chunks)):
-        done = [future.result() for future in pending]
-        if index + 1 < len(chunks):
-            pending = [pool.submit(features_or_reason, p) for p in chunks[index + 1]]
-        yield done
-
-
 EMBEDDING_FORMATS = ('.npz', '.csv', '.ark', '.scp')
 
 
@@ -318,16 +293,14 @@ class SpeakerEncoder:
     """One checkpoint's model, loaded once, with the project's one embedding policy (embedding.Embedder).
 
     checkpoint_file: a .keras checkpoint of ours (it says its own architecture) or a .h5 / .weights.h5 file of
-    architecture `model` at `width` (the published Keras-2 ResCNN: 'rescnn', 1.0). `workers`: threads computing
-    features in embed_files while the model embeds.
+    architecture `model` at `width` (the published Keras-2 ResCNN: 'rescnn', 1.0).
     """
 
     def __init__(self, checkpoint_file: str | Path = DEFAULT_CHECKPOINT, model: str = 'rescnn',
-                 width: float | None = None, workers: int = FEATURE_WORKERS):
+                 width: float | None = None):
         self.checkpoint_file = str(checkpoint_file)
         self.embedder = Embedder.from_checkpoint(self.checkpoint_file, model, width)
         self.fingerprint = self.embedder.fingerprint
-        self.workers = workers
 
     @property
     def dims(self) -> int:
@@ -347,28 +320,15 @@ class SpeakerEncoder:
         return self.embedder.embed_signal(signal.mean(axis=1) if signal.ndim == 2 else signal, sample_rate)
 
     def embed_files(self, paths: Sequence[str | Path], progress: bool = False) -> EmbeddedFiles:
-        """Many files in chunks of EMBEDDING_FILES_PER_CHUNK: features on `workers` threads one chunk ahead, one
-        predict per chunk for the windows of all its files. Files that cannot be embedded (unreadable, empty,
-        silent, too short) are skipped with the reason; `progress` shows a tqdm bar on stderr."""
+        """Many files through Embedder.embed_files (features one chunk ahead on threads, one predict per chunk).
+        Files that cannot be embedded (unreadable, empty, silent, too short) are skipped with the reason;
+        `progress` shows a tqdm bar on stderr."""
         paths = [str(p) for p in paths]
-        kept, embeddings, skipped = [], [], []
-        with ThreadPoolExecutor(self.workers) as pool, tqdm(total=len(paths), disable=not progress, unit='file',
-                                                            desc='Embedding') as bar:
-            for start, results in zip(range(0, len(paths), EMBEDDING_FILES_PER_CHUNK), chunk_features(pool, paths),
-                                      strict=True):
-                windows = []
-                for path, (features, reason) in zip(paths[start:start + EMBEDDING_FILES_PER_CHUNK], results,
-                                                    strict=True):
-                    if features is None:
-                        skipped.append((path, reason))
-                    else:
-                        kept.append(path)
-                        windows.append(utterance_windows(features, self.embedder.crop))
-                if windows:
-                    embeddings.append(self.embedder.pooled(windows))
-                bar.update(len(results))
-        matrix = np.concatenate(embeddings) if embeddings else np.empty((0, self.dims), dtype=np.float32)
-        return EmbeddedFiles(kept, matrix, skipped)
+        reasons: dict[int, str] = {}
+        embeddings = self.embedder.embed_files(paths, reasons, progress)
+        kept = [row for row in range(len(paths)) if row not in reasons]
+        skipped = [(paths[row], reasons[row].removeprefix(f'{paths[row]}: ')) for row in sorted(reasons)]
+        return EmbeddedFiles([paths[row] for row in kept], embeddings[kept], skipped)
 
     def embedding(self, item: str | Path | np.ndarray) -> np.ndarray:
         """An embedding (dims,) from a path (embedded) or an embedding (checked and unit-normalised)."""

@@ -17,7 +17,7 @@ from batcher import sample_from_mfcc  # noqa: E402
 from constants import NUM_FRAMES  # noqa: E402
 from conv_models import DeepSpeakerModel  # noqa: E402
 from embedding import Embedder, embed_crops, utterance_windows  # noqa: E402
-from features import read_features  # noqa: E402
+from features import AudioError, read_features  # noqa: E402
 
 WIDTH = 0.125
 AUDIO_ROOT = Path(__file__).resolve().parents[1] / 'samples' / 'LibriSpeech' / 'test-other'
@@ -176,3 +176,15 @@ def test_embed_utterances_over_several_chunks_keeps_the_file_order(untrained):
     np.testing.assert_allclose(embeddings[0::2], np.tile(long_alone, (17, 1)), atol=2e-5)
     np.testing.assert_allclose(embeddings[1::2], np.tile(short_alone, (17, 1)), atol=2e-5)
     assert np.abs(long_alone - short_alone).max() > 1e-3
+
+
+def test_embed_files_computing_features_ahead_gives_the_numbers_of_computing_them_in_turn(model, tmp_path):
+    paths = sorted(AUDIO_ROOT.rglob('*.flac'))[:40]  # two chunks of up to 32 files.
+    embedder = Embedder(model)
+    in_turn = np.concatenate([embedder.pooled([utterance_windows(read_features(str(f))) for f in chunk])
+                              for chunk in (paths[:32], paths[32:])])
+    np.testing.assert_array_equal(embedder.embed_files(paths), in_turn)
+    bad = tmp_path / 'bad.flac'
+    bad.write_bytes(b'not audio')
+    with pytest.raises(AudioError, match='bad.flac'):
+        embedder.embed_files(paths[:33] + [bad])
