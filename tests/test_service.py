@@ -6,6 +6,7 @@ import http.client
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -304,6 +305,56 @@ def test_requests_beyond_the_queue_get_503_and_the_rest_are_answered(server):
 def test_uploads_leave_no_files_behind(server):
     assert api(server, 'POST', '/embed', files=[('audio', PHILIPPE[1])])[0] == 200
     assert list(server.tmp.iterdir()) == []
+
+
+def chromium_driver():
+    """A headless Chromium driven by Selenium through the system's chromedriver; skips the test without them."""
+    webdriver = pytest.importorskip('selenium.webdriver')
+    binary, driver = shutil.which('chromium') or shutil.which('chromium-browser'), shutil.which('chromedriver')
+    if not (binary and driver):
+        pytest.skip('no chromium and chromedriver (apt-get install chromium chromium-driver)')
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage',
+                 '--disable-background-networking', '--window-size=900,1000'):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+
+
+def test_the_page_verifies_enrols_and_identifies_in_a_real_browser(server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    browser = chromium_driver()
+    try:
+        browser.get(server.url('/'))
+        wait = WebDriverWait(browser, REQUEST_TIMEOUT_S)
+        wait.until(lambda b: 'token required' in b.find_element(By.ID, 'health').text)
+        browser.find_element(By.ID, 'token').send_keys(TOKEN)
+
+        def clip(slot: str, path: Path) -> None:
+            browser.find_element(By.CSS_SELECTOR, f'[data-clip="{slot}"] input[type=file]').send_keys(str(path))
+
+        def result(section: str) -> str:
+            browser.find_element(By.ID, f'{section}-button').click()
+            return wait.until(lambda b: (text := b.find_element(By.ID, f'{section}-result').text)
+                              and not text.endswith('…') and text)
+
+        clip('a', SPEAKER_A[0])
+        clip('b', SPEAKER_A[1])
+        expected = api(server, 'POST', '/verify', files=[('a', SPEAKER_A[0]), ('b', SPEAKER_A[1])])[1]
+        assert result('verify') == (f'Same speaker: score {expected["score"]:.3f} '
+                                    f'(threshold {expected["threshold"]:.3f})')
+        clip('b', SPEAKER_B[0])
+        assert result('verify').startswith('Different speakers: score ')
+        browser.find_element(By.ID, 'enrol-name').send_keys('page-philippe')
+        clip('enrol', PHILIPPE[0])
+        assert result('enrol') == 'Enrolled page-philippe (1 clips).'
+        assert 'page-philippe' in {s['name'] for s in api(server, 'GET', '/speakers')[1]['speakers']}
+        clip('identify', PHILIPPE[1])
+        assert result('identify').startswith('page-philippe (page-philippe ')
+        wait.until(lambda b: 'page-philippe' in b.find_element(By.ID, 'speakers').text)
+    finally:
+        browser.quit()
 
 
 def test_enrolments_survive_a_restart(server):
