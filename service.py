@@ -7,12 +7,12 @@
     GET  /health              model, width, fingerprint, profile count, version (never needs the token)
     GET  /                    the web page (static/index.html);  /docs: the generated OpenAPI page
 
-The model runs on one worker thread fed by a bounded queue (ModelWorker): requests arriving together wait their
-turn instead of running TensorFlow many times at once on a small CPU, memory stays bounded, and a full queue
-answers 503. Uploads are written to a per-request temporary directory, deleted when the request ends. Every error
-is a JSON object {"error": "one line"}: 401 (token), 404 (speaker), 409 (no speakers enrolled), 413 (upload too
+The model runs on one worker thread fed by a bounded queue (ModelWorker): requests arriving together are embedded
+in one predict call instead of running TensorFlow many times at once on a small CPU, memory stays bounded, and a
+full queue answers 503. Uploads are written to a per-request temporary directory, deleted when the request ends. Every
+error is a JSON object {"error": "one line"}: 401 (token), 404 (speaker), 409 (no speakers enrolled), 413 (upload too
 large or too long), 415 (file type), 422 (unreadable audio, bad field), 400 (bad speaker name), 503 (busy).
-Imports speaker, features, checkpoints and constants; cli.py builds the app (create_app) and runs uvicorn.
+Imports speaker, embedding, features, checkpoints and constants; cli.py builds the app (create_app) and runs uvicorn.
 """
 
 import asyncio
@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, NamedTuple
 
 import numpy as np
 import soundfile as sf
@@ -46,7 +46,8 @@ from constants import (
     SERVICE_UPLOAD_EXTENSIONS,
     UNKNOWN_SPEAKER,
 )
-from features import AudioError, read_audio
+from embedding import utterance_windows
+from features import AudioError, read_audio, signal_features
 from speaker import SpeakerEncoder, SpeakerError, SpeakerProfiles, Threshold, check_speaker_name, cosine_similarity
 
 logger = logging.getLogger(__name__)
@@ -87,41 +88,75 @@ class Embedded(NamedTuple):
     duration: float
 
 
-class ModelWorker:
-    """One thread running model jobs in arrival order from a queue of at most `capacity` waiting jobs."""
+class Clip(NamedTuple):
+    """An upload ready for the model: its client name, duration (s) and windows (windows, frames, 64, 1)."""
+    name: str
+    duration: float
+    windows: np.ndarray
 
-    def __init__(self, capacity: int):
-        self.capacity = capacity
+
+class ModelWorker:
+    """One thread embedding uploads for requests queued in a queue of at most `capacity` waiting requests. It
+    takes every request waiting when it gets free, computes their features and embeds all their windows in one
+    predict call (a predict's fixed cost dominates short clips), so requests that arrive together are batched."""
+
+    def __init__(self, encoder: SpeakerEncoder, capacity: int, max_seconds: float):
+        self.encoder, self.capacity, self.max_seconds = encoder, capacity, max_seconds
         self.jobs: queue.Queue = queue.Queue(capacity)
         self.thread = threading.Thread(target=self.serve, name='model-worker', daemon=True)
         self.thread.start()
 
     def serve(self) -> None:
-        """Runs jobs until it gets None; a job cancelled while waiting (client gone) is skipped."""
+        """Embeds batches of waiting requests until it gets None; a request whose client left is skipped."""
         while (job := self.jobs.get()) is not None:
-            future, function, args = job
-            if future.set_running_or_notify_cancel():
+            batch = [job]
+            while len(batch) <= self.capacity:
                 try:
-                    future.set_result(function(*args))
-                except Exception as e:  # handed to the request that queued the job.
-                    future.set_exception(e)
+                    job = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    self.jobs.put(None)
+                    break
+                batch.append(job)
+            self.embed_batch([(future, uploads) for future, uploads in batch if future.set_running_or_notify_cancel()])
+
+    def embed_batch(self, batch: list[tuple[Future, list[SavedUpload]]]) -> None:
+        """Sets each request's future to its list of Embedded, or to the error of its first bad upload."""
+        ready = []
+        for future, uploads in batch:
+            try:
+                ready.append((future, [clip_of(upload, self.max_seconds, self.encoder.embedder.crop)
+                                       for upload in uploads]))
+            except Exception as e:  # handed to the request that sent the upload.
+                future.set_exception(e)
+        if not ready:
+            return
+        try:
+            embeddings = iter(self.encoder.embedder.pooled([clip.windows for _, clips in ready for clip in clips]))
+        except Exception as e:
+            for future, _ in ready:
+                future.set_exception(e)
+            return
+        for future, clips in ready:
+            future.set_result([Embedded(clip.name, next(embeddings), clip.duration) for clip in clips])
 
     @property
     def waiting(self) -> int:
         return self.jobs.qsize()
 
-    async def call(self, function: Callable, *args) -> Any:
-        """function(*args) run on the worker thread; ServiceError 503 when `capacity` jobs already wait."""
+    async def embedded(self, uploads: list[SavedUpload]) -> list[Embedded]:
+        """The uploads' embeddings; ServiceError 503 when `capacity` requests already wait."""
         future: Future = Future()
         try:
-            self.jobs.put_nowait((future, function, args))
+            self.jobs.put_nowait((future, uploads))
         except queue.Full:
             raise ServiceError(503, f'busy: {self.capacity} requests already wait for the model; retry in a '
                                     f'moment.') from None
         return await asyncio.wrap_future(future)
 
     def stop(self) -> None:
-        """Lets the running job finish, drops the waiting ones and ends the thread."""
+        """Lets the running batch finish, cancels the waiting requests and ends the thread."""
         while True:
             try:
                 job = self.jobs.get_nowait()
@@ -163,9 +198,10 @@ class ProfileStore:
         return name
 
 
-def embedded_upload(encoder: SpeakerEncoder, upload: SavedUpload, max_seconds: float) -> Embedded:
-    """An upload's embedding and duration; ServiceError 413 when longer than `max_seconds` (checked from the
-    header, before decoding), AudioError when it is not readable audio or has no speech."""
+def clip_of(upload: SavedUpload, max_seconds: float, crop: bool = False) -> Clip:
+    """An upload's duration and windows (utterance_windows, `crop` or whole); ServiceError 413 when longer than
+    `max_seconds` (checked from the header, before decoding), AudioError when it is not readable audio or has no
+    speech."""
     try:
         duration = sf.info(str(upload.path)).duration
     except (sf.LibsndfileError, RuntimeError) as e:
@@ -175,12 +211,8 @@ def embedded_upload(encoder: SpeakerEncoder, upload: SavedUpload, max_seconds: f
         raise ServiceError(413, f'{upload.name}: {duration:.1f} s long, over the limit of {max_seconds:g} s; '
                                 f'upload a shorter clip.')
     audio = read_audio(str(upload.path))
-    return Embedded(upload.name, encoder.embed_signal(audio, SAMPLE_RATE), len(audio) / SAMPLE_RATE)
-
-
-def embedded_uploads(encoder: SpeakerEncoder, uploads: list[SavedUpload], max_seconds: float) -> list[Embedded]:
-    """embedded_upload of each upload, in order (one job on the model worker)."""
-    return [embedded_upload(encoder, upload, max_seconds) for upload in uploads]
+    features = signal_features(audio, SAMPLE_RATE, str(upload.path))
+    return Clip(upload.name, len(audio) / SAMPLE_RATE, utterance_windows(features, crop))
 
 
 async def saved_uploads(files: list[UploadFile], directory: Path) -> list[SavedUpload]:
@@ -283,7 +315,7 @@ def create_app(encoder: SpeakerEncoder, profiles_path: str | Path, threshold: Th
     `token`: the bearer token of every route but /health, the page and the docs (None: no token)."""
     store = ProfileStore(profiles_path, encoder.fingerprint)
     default_threshold = threshold
-    worker = ModelWorker(limits.queue_size)
+    worker = ModelWorker(encoder, limits.queue_size, limits.max_seconds)
     architecture, options = architecture_of(encoder.embedder.model.m.get_config(), encoder.checkpoint_file)
 
     @asynccontextmanager
@@ -318,7 +350,7 @@ def create_app(encoder: SpeakerEncoder, profiles_path: str | Path, threshold: Th
         uploads: list[SavedUpload] = []
         try:
             uploads = await saved_uploads(files, directory)
-            return await worker.call(embedded_uploads, encoder, uploads, limits.max_seconds)
+            return await worker.embedded(uploads)
         except (AudioError, SpeakerError, ServiceError) as e:
             status = e.status if isinstance(e, ServiceError) else 422
             raise ServiceError(status, client_message(e, uploads)) from None

@@ -299,7 +299,8 @@ def test_requests_beyond_the_queue_get_503_and_the_rest_are_answered(server):
     statuses = sorted(status for status, _ in results)
     assert len(results) == 8 and set(statuses) <= {200, 503} and 200 in statuses and 503 in statuses
     assert all('busy' in body['error'] for status, body in results if status == 503)
-    assert len({body['score'] for status, body in results if status == 200}) == 1
+    scores = [body['score'] for status, body in results if status == 200]
+    assert max(scores) - min(scores) < 1e-4  # batched together or not, the same pair scores the same.
 
 
 def test_uploads_leave_no_files_behind(server):
