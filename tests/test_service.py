@@ -349,7 +349,7 @@ def test_the_page_verifies_enrols_and_identifies_in_a_real_browser(server):
         assert result('verify').startswith('Different speakers: score ')
         browser.find_element(By.ID, 'enrol-name').send_keys('page-philippe')
         clip('enrol', PHILIPPE[0])
-        assert result('enrol') == 'Enrolled page-philippe (1 clips).'
+        assert result('enrol') == 'Enrolled page-philippe (1 clip).'
         assert 'page-philippe' in {s['name'] for s in api(server, 'GET', '/speakers')[1]['speakers']}
         clip('identify', PHILIPPE[1])
         assert result('identify').startswith('page-philippe (page-philippe ')
