@@ -562,6 +562,10 @@ def serve(profiles_file, checkpoint_file, model, width, host, port, token, max_u
     import uvicorn
 
     from service import Limits, create_app, warm_up
+    from speaker import SpeakerProfiles
+    if Path(profiles_file).exists():
+        with toolkit_errors():  # a bad store fails before the model loads.
+            SpeakerProfiles.read(profiles_file)
     encoder = load_encoder(checkpoint_file, model, width)
     chosen = resolved_threshold(encoder, threshold, operating_point, calibration_file)
     with toolkit_errors():

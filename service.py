@@ -407,11 +407,12 @@ def create_app(encoder: SpeakerEncoder, profiles_path: str | Path, threshold: Th
                        threshold: Annotated[float | None, Form(ge=-1.0, le=1.0)] = None) -> dict:
         """The `top_k` enrolled speakers scoring at least the threshold, best first, or 'unknown' with the best
         score when none does."""
-        if not store.profiles.names:
+        profiles = store.profiles  # the store as the request found it, even if it changes meanwhile.
+        if not profiles.names:
             raise ServiceError(409, 'no speakers enrolled; enrol some with POST /speakers/{name} first.')
         chosen = threshold_of(default_threshold, threshold)
         clip, = await embedded([audio])
-        matches = store.profiles.identify(clip.embedding, top_k, chosen.value)
+        matches = profiles.identify(clip.embedding, top_k, chosen.value)
         return {**described(clip), 'speaker': matches[0][0], 'threshold': chosen.value,
                 'threshold_source': chosen.source, 'candidates': ranked(matches),
                 'unknown': matches[0][0] == UNKNOWN_SPEAKER}

@@ -223,6 +223,17 @@ def test_enrol_list_identify_verify_and_delete(server):
     assert [s['name'] for s in api(server, 'GET', '/speakers')[1]['speakers']] == ['reader-1688']
 
 
+@pytest.mark.parametrize('fmt, suffix', [('OGG', '.ogg'), ('MP3', '.mp3')])
+def test_ogg_and_mp3_uploads_verify_like_the_flac_they_encode(server, fmt, suffix):
+    audio, rate = sf.read(str(SPEAKER_A[0]))
+    encoded = io.BytesIO()
+    sf.write(encoded, audio, rate, format=fmt)
+    status, body = api(server, 'POST', '/verify',
+                       files=[('a', SPEAKER_A[0]), ('b', f'clip{suffix}', encoded.getvalue())])
+    assert status == 200 and body['score'] > 0.9
+    assert body['b']['duration_s'] == pytest.approx(len(audio) / rate, abs=0.1)
+
+
 def test_unknown_speaker_is_404(server):
     status, body = api(server, 'POST', '/verify', fields={'speaker': 'nobody'}, files=[('a', SPEAKER_A[0])])
     assert status == 404 and 'nobody' in body['error']
@@ -356,6 +367,15 @@ def test_the_page_verifies_enrols_and_identifies_in_a_real_browser(server):
         wait.until(lambda b: 'page-philippe' in b.find_element(By.ID, 'speakers').text)
     finally:
         browser.quit()
+
+
+def test_serve_refuses_a_file_that_is_not_a_profile_store(tmp_path):
+    store = tmp_path / 'speakers.npz'
+    store.write_text('not a store')
+    result = subprocess.run([sys.executable, 'cli.py', 'serve', '--profiles', str(store), '--port', str(free_port())],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=REQUEST_TIMEOUT_S)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(f'Error: {store}: not a speaker profile store')
 
 
 def test_enrolments_survive_a_restart(server):
