@@ -1,5 +1,5 @@
 """Command-line entry points of deep-speaker (click): cache features, build model inputs, train, evaluate, and the
-speaker toolkit (embed, verify, enroll, identify, profiles, cluster).
+speaker toolkit (embed, verify, enroll, identify, profiles, cluster) and its service (serve).
 
 Only parses options, calls one function per command and turns the domain errors of the modules below
 (AudioError, CheckpointError, TrialError, SpeakerError, ClusteringError, NotBuiltError, OSError) into one-line
@@ -31,6 +31,12 @@ from constants import (
     NUM_FRAMES,
     OPERATING_POINTS,
     SAMPLE_RATE,
+    SERVICE_HOST,
+    SERVICE_MAX_SECONDS,
+    SERVICE_MAX_UPLOAD_MB,
+    SERVICE_PORT,
+    SERVICE_QUEUE_SIZE,
+    SERVICE_TOKEN_ENV,
     SNR_RANGE_DB,
     SOFTMAX_LEARNING_RATE,
     TDNN_FRAME_LAYERS,
@@ -45,7 +51,7 @@ from workdir import NotBuiltError, WorkingDir
 
 VERSION = '2.0.0'
 TENSORFLOW_COMMANDS = {'train-model', 'test-model', 'eval-trials', 'embed', 'verify', 'enroll', 'identify', 'cluster',
-                       'export'}
+                       'export', 'serve'}
 logger = logging.getLogger('deep-speaker')
 
 working_dir_option = click.option('--working_dir', default=DEFAULT_WORKING_DIR, show_default=True,
@@ -606,6 +612,52 @@ def export_command(checkpoint_file, model, width, out, export_format, overwrite)
     except OSError as e:
         fail(f'--out {out}: {e.strerror or e}.')
     click.echo(f'{out}: {export_format}, {directory_size(out) / 1e6:.1f} MB.')
+
+
+LOOPBACK_HOSTS = ('127.0.0.1', 'localhost', '::1')
+
+
+@cli.command()
+@profiles_option
+@checkpoint_option
+@model_option
+@checkpoint_width_option
+@click.option('--host', default=SERVICE_HOST, show_default=True,
+              help='Address to listen on; the default accepts connections from this machine only.')
+@click.option('--port', default=SERVICE_PORT, show_default=True, type=click.IntRange(1, 65535))
+@click.option('--token', default=None, envvar=SERVICE_TOKEN_ENV, show_envvar=True,
+              help='Bearer token every route but /health, / and /docs requires (Authorization: Bearer TOKEN).')
+@click.option('--max_upload_mb', default=SERVICE_MAX_UPLOAD_MB, show_default=True,
+              type=click.FloatRange(min=0, min_open=True), help='Largest request body (all its uploads), MB.')
+@click.option('--max_seconds', default=SERVICE_MAX_SECONDS, show_default=True,
+              type=click.FloatRange(min=0, min_open=True), help='Longest accepted clip, seconds.')
+@click.option('--queue_size', default=SERVICE_QUEUE_SIZE, show_default=True, type=click.IntRange(min=1),
+              help='Requests that may wait for the model; more are answered 503.')
+@threshold_option
+@operating_point_option
+@calibration_option
+def serve(profiles_file, checkpoint_file, model, width, host, port, token, max_upload_mb, max_seconds, queue_size,
+          threshold, operating_point, calibration_file):
+    """Serves the REST API (embed, verify, enrol, identify; OpenAPI page at /docs) and a web page at / over one
+    model loaded once, with enrolled speakers kept in --profiles. Stop it with Ctrl-C."""
+    import uvicorn
+
+    from service import Limits, create_app, warm_up
+    from speaker import SpeakerProfiles
+    if Path(profiles_file).exists():
+        with toolkit_errors():  # a bad store fails before the model loads.
+            SpeakerProfiles.read(profiles_file)
+    encoder = load_encoder(checkpoint_file, model, width)
+    chosen = resolved_threshold(encoder, threshold, operating_point, calibration_file)
+    with toolkit_errors():
+        app = create_app(encoder, profiles_file, chosen, token or None,
+                         Limits(int(max_upload_mb * 1e6), max_seconds, queue_size), VERSION)
+        warm_up(encoder)
+    if host not in LOOPBACK_HOSTS and not token:
+        logger.warning('--host %s accepts connections from other machines and no --token is set: anyone who can '
+                       'reach it can enrol and delete speakers.', host)
+    logger.info('Serving %s on http://%s:%d (page /, API docs /docs).', encoder.fingerprint, host, port)
+    uvicorn.run(app, host=host, port=port, log_level='info', timeout_graceful_shutdown=5)
 
 
 if __name__ == '__main__':

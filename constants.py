@@ -89,6 +89,15 @@ MAX_SPEAKER_NAME_LENGTH = 100  # characters.
 UNKNOWN_SPEAKER = 'unknown'  # identify's answer when no enrolled speaker reaches the threshold.
 DEFAULT_TOP_K = 5  # candidates identify returns per file.
 
+# Speaker service (service.py, cli.py serve).
+SERVICE_HOST = '127.0.0.1'  # loopback only unless --host says otherwise.
+SERVICE_PORT = 8000
+SERVICE_MAX_UPLOAD_MB = 20.0  # request body limit (all uploads of one request), MB of 10**6 bytes.
+SERVICE_MAX_SECONDS = 60.0  # longest accepted recording, seconds.
+SERVICE_QUEUE_SIZE = 8  # model jobs waiting behind the one running; more get 503.
+SERVICE_UPLOAD_EXTENSIONS = ('.wav', '.flac', '.ogg', '.mp3')  # formats libsndfile reads.
+SERVICE_TOKEN_ENV = 'DEEP_SPEAKER_TOKEN'  # environment variable of the bearer token (--token overrides it).
+
 # Working directory layout.
 DEFAULT_WORKING_DIR = os.path.expanduser('~/.deep-speaker-wd')
 CACHE_SUBDIR = 'audio-fbanks'
