@@ -44,8 +44,8 @@ def triplet_phase_peak_mb(working_dir: Path, mining: str) -> float:
     if checkpoints.exists():
         for path in checkpoints.iterdir():
             path.unlink()
-    return peak_rss_mb(['train-model', '--working_dir', str(working_dir), '--no_pre_training_phase', '--epochs', '1',
-                        '--steps_per_epoch', '1', '--width', WIDTH, '--batch_size', BATCH,
+    return peak_rss_mb(['train-model', '--working_dir', str(working_dir), '--no_pre_training_phase', '--from_scratch',
+                        '--epochs', '1', '--steps_per_epoch', '1', '--width', WIDTH, '--batch_size', BATCH,
                         '--triplet_mining', mining])
 
 
