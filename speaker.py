@@ -142,8 +142,13 @@ def listed_path(text: str, list_file: Path) -> Path | None:
 def list_file_inputs(list_file: Path) -> list[AudioInput]:
     """The files of a list: one path per line, or Kaldi wav.scp `utterance-id path` lines (blank lines and `#`
     comments skipped). A piped command (`... |`) or a missing file is refused with its line number."""
+    try:
+        text = list_file.read_text()
+    except UnicodeDecodeError:
+        raise SpeakerError(f'{list_file}: not a text list of audio paths (binary content); give audio files with '
+                           f'.wav, .flac, .ogg or .mp3 suffixes, or a text list.') from None
     inputs = []
-    for number, line in enumerate(list_file.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         where = f'{list_file}:{number}'
         if not line or line.startswith('#'):
@@ -406,11 +411,15 @@ class SpeakerProfiles:
             message = (str(e).splitlines() or [type(e).__name__])[0]
             raise SpeakerError(f'{path}: not a speaker profile store ({message}); give another file or delete it.') \
                 from None
+        sums, counts = stored['sums'], stored['counts']
+        if sums.ndim != 2 or not len(stored['names']) == len(sums) == len(counts):
+            raise SpeakerError(f'{path}: not a speaker profile store ({len(stored["names"])} names, sums of shape '
+                               f'{sums.shape}, {len(counts)} counts); give another file or delete it.')
         made_by = str(stored['fingerprint'])
         if fingerprint is not None and made_by != fingerprint:
             raise SpeakerError(f'{path}: profiles enrolled with another model ({made_by}), not with this checkpoint '
                                f'({fingerprint}); use that checkpoint, or enrol into a new profile store.')
-        return cls(path, made_by, [str(n) for n in stored['names']], stored['sums'], stored['counts'])
+        return cls(path, made_by, [str(n) for n in stored['names']], sums, counts)
 
     @classmethod
     def open(cls, path: str | Path, fingerprint: str) -> 'SpeakerProfiles':

@@ -187,6 +187,21 @@ def test_a_bad_list_file_is_refused_with_its_line(tmp_path, content, message):
         audio_inputs([scp])
 
 
+def test_a_binary_file_given_as_a_list_is_refused_by_name(tmp_path):
+    fake = tmp_path / 'list.txt'
+    fake.write_bytes(PHILIPPE[0].read_bytes())
+    with pytest.raises(SpeakerError, match=r'list\.txt: not a text list of audio paths'):
+        audio_inputs([fake])
+
+
+def test_a_store_whose_arrays_disagree_is_refused_by_name(tmp_path):
+    path = tmp_path / 'mismatch.npz'
+    np.savez(path, version=np.array(1), fingerprint=np.array('m'), names=np.array(['a', 'b']),
+             sums=np.ones((1, 4)), counts=np.array([1, 1]))
+    with pytest.raises(SpeakerError, match=r'mismatch\.npz: not a speaker profile store \(2 names'):
+        SpeakerProfiles.read(path)
+
+
 def test_a_folder_without_audio_or_a_missing_input_is_refused(tmp_path):
     (tmp_path / 'notes.txt.bak').write_text('no audio here')
     with pytest.raises(SpeakerError, match='no audio files'):
