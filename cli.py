@@ -50,8 +50,8 @@ from tf_startup import import_tensorflow
 from workdir import NotBuiltError, WorkingDir
 
 VERSION = '2.0.0'
-TENSORFLOW_COMMANDS = {'train-model', 'test-model', 'eval-trials', 'embed', 'verify', 'enroll', 'identify', 'cluster',
-                       'export', 'serve'}
+TENSORFLOW_COMMANDS = {'train-model', 'test-model', 'eval-trials', 'embed', 'verify', 'enroll', 'identify', 'profiles',
+                       'cluster', 'export', 'serve'}
 logger = logging.getLogger('deep-speaker')
 
 working_dir_option = click.option('--working_dir', default=DEFAULT_WORKING_DIR, show_default=True,

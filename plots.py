@@ -1,7 +1,7 @@
 """Pictures of embeddings: reading an embeddings `.npz` (as `embed` writes it) and a t-SNE map of it coloured by
 speaker, drawn with matplotlib's Agg backend to a PNG.
 
-Imports numpy, scikit-learn and matplotlib only.
+Imports numpy, scikit-learn, matplotlib and constants (t-SNE settings) only.
 """
 
 import zipfile

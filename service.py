@@ -66,7 +66,8 @@ class ServiceError(Exception):
 
 
 class Limits(NamedTuple):
-    """Per-request limits: the request body in bytes (all uploads together) and the duration of each clip (s)."""
+    """Per-request limits: the request body in bytes (all uploads together) and the duration of each clip (s); and
+    queue_size, the requests that may wait for the model (more are answered 503)."""
     max_upload_bytes: int = int(SERVICE_MAX_UPLOAD_MB * 1e6)
     max_seconds: float = SERVICE_MAX_SECONDS
     queue_size: int = SERVICE_QUEUE_SIZE
@@ -191,11 +192,12 @@ class ProfileStore:
             self.profiles = copy
             return copy
 
-    def known(self, name: str) -> str:
-        """The enrolled speaker `name`; ServiceError 404 when it is not enrolled."""
-        if name not in self.profiles.sums:
-            raise ServiceError(404, f'no speaker {name!r}; enrolled: {", ".join(self.profiles.names) or "none"}.')
-        return name
+
+def known(profiles: SpeakerProfiles, name: str) -> str:
+    """The speaker `name` enrolled in `profiles`; ServiceError 404 when it is not enrolled."""
+    if name not in profiles.sums:
+        raise ServiceError(404, f'no speaker {name!r}; enrolled: {", ".join(profiles.names) or "none"}.')
+    return name
 
 
 def clip_of(upload: SavedUpload, max_seconds: float, crop: bool = False) -> Clip:
@@ -308,13 +310,13 @@ def warm_up(encoder: SpeakerEncoder) -> None:
                          SAMPLE_RATE)
 
 
-def create_app(encoder: SpeakerEncoder, profiles_path: str | Path, threshold: Threshold, token: str | None = None,
-               limits: Limits = DEFAULT_LIMITS, version: str = '') -> FastAPI:
+def create_app(encoder: SpeakerEncoder, profiles_path: str | Path, default_threshold: Threshold,
+               token: str | None = None, limits: Limits = DEFAULT_LIMITS, version: str = '') -> FastAPI:
     """The service over `encoder` (loaded once) and the profile store at `profiles_path` (created on the first
-    enrolment; SpeakerError when it belongs to another model). `threshold`: the default decision threshold;
-    `token`: the bearer token of every route but /health, the page and the docs (None: no token)."""
+    enrolment; SpeakerError when it belongs to another model). `default_threshold`: the decision threshold of
+    requests that give none; `token`: the bearer token of every route but /health, the page and the docs (None: no
+    token)."""
     store = ProfileStore(profiles_path, encoder.fingerprint)
-    default_threshold = threshold
     worker = ModelWorker(encoder, limits.queue_size, limits.max_seconds)
     architecture, options = architecture_of(encoder.embedder.model.m.get_config(), encoder.checkpoint_file)
 
@@ -365,8 +367,9 @@ def create_app(encoder: SpeakerEncoder, profiles_path: str | Path, threshold: Th
         """Liveness and what is served: model, width, fingerprint, enrolled speakers, threshold, queue."""
         return {'status': 'ok', 'version': version, 'model': architecture, 'width': options.get('width'),
                 'checkpoint': Path(encoder.checkpoint_file).name, 'fingerprint': encoder.fingerprint,
-                'dims': encoder.dims, 'profiles': len(store.profiles.names), 'threshold': threshold.value,
-                'threshold_source': threshold.source, 'queue': {'waiting': worker.waiting, 'capacity': worker.capacity},
+                'dims': encoder.dims, 'profiles': len(store.profiles.names), 'threshold': default_threshold.value,
+                'threshold_source': default_threshold.source,
+                'queue': {'waiting': worker.waiting, 'capacity': worker.capacity},
                 'limits': {'max_upload_mb': limits.max_upload_bytes / 1e6, 'max_seconds': limits.max_seconds},
                 'token_required': token is not None}
 
@@ -391,7 +394,8 @@ def create_app(encoder: SpeakerEncoder, profiles_path: str | Path, threshold: Th
             raise ServiceError(422, 'give exactly one of the upload b and the field speaker.')
         chosen = threshold_of(default_threshold, threshold)
         if speaker is not None:
-            profile = store.profiles.matrix()[store.profiles.names.index(store.known(speaker))]
+            profiles = store.profiles  # one snapshot: a concurrent DELETE cannot mismatch the names and the rows.
+            profile = profiles.matrix()[profiles.names.index(known(profiles, speaker))]
             clip, = await embedded([a])
             other, versus = profile, {'speaker': speaker}
         else:
@@ -440,7 +444,7 @@ def create_app(encoder: SpeakerEncoder, profiles_path: str | Path, threshold: Th
     @api.delete('/speakers/{name}')
     def remove(name: str) -> dict:
         """Forgets an enrolled speaker."""
-        updated = store.changed(lambda profiles: profiles.remove(store.known(name)))
+        updated = store.changed(lambda profiles: profiles.remove(known(profiles, name)))
         return {'removed': name, 'speakers': len(updated.names)}
 
     app.include_router(api)
