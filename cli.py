@@ -26,6 +26,7 @@ from constants import (
     DEFAULT_TOP_K,
     DEFAULT_TRIPLET_MINING,
     DEFAULT_WORKING_DIR,
+    EXPORT_FORMATS,
     MINING_HISTORY_SIZE,
     MINING_REFRESH_EVERY,
     NUM_FRAMES,
@@ -595,18 +596,18 @@ def plot_embeddings_command(embeddings_file, out, perplexity):
 @checkpoint_width_option
 @click.option('--out', required=True, type=click.Path(), help='Directory to write the exported model to.')
 @click.option('--format', 'export_format', default='savedmodel', show_default=True,
-              type=click.Choice(['savedmodel', 'tflite']),
+              type=click.Choice(EXPORT_FORMATS),
               help='SavedModel directory (signature serving_default: pcm -> embedding) or OUT/model.tflite.')
 @click.option('--overwrite', is_flag=True, help='Replace OUT if it exists.')
 def export_command(checkpoint_file, model, width, out, export_format, overwrite):
     """Exports a graph from raw 16 kHz mono float32 PCM of any length to the whole-utterance unit embedding
     (silence trimming, fbank and windows in the graph), as the Python encoder computes it."""
-    if os.path.exists(out) and not overwrite:
-        fail(f'--out {out}: already exists; choose another directory or add --overwrite.')
     from checkpoints import CheckpointError
-    from export import ExportError, directory_size, export_checkpoint
+    from export import ExportError, TargetExists, directory_size, export_checkpoint
     try:
         export_checkpoint(checkpoint_file, out, export_format, model, width, overwrite)
+    except TargetExists:
+        fail(f'--out {out}: already exists; choose another directory or add --overwrite.')
     except (CheckpointError, ExportError) as e:
         fail(str(e))
     except OSError as e:

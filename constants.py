@@ -120,3 +120,4 @@ DEFAULT_SEED = 123
 # Export, clustering and plots.
 TSNE_PERPLEXITY = 30.0  # t-SNE's effective number of neighbours; clipped below the number of points.
 TSNE_SEED = 0  # t-SNE's random state: the same embeddings give the same picture.
+EXPORT_FORMATS = ('savedmodel', 'tflite')  # export --format: a SavedModel directory or OUT/model.tflite.

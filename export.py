@@ -21,19 +21,38 @@ import tensorflow as tf
 from tensorflow.lite.python.convert_phase import ConverterError
 
 from checkpoints import build_model
-from constants import NUM_FBANKS, NUM_FRAMES, SILENCE_PERCENTILE, WINDOW_HOP
+from constants import EXPORT_FORMATS, NUM_FBANKS, NUM_FRAMES, SILENCE_PERCENTILE, WINDOW_HOP
 from conv_models import PcmToFbank, SpeakerModel
 from features import frame_length
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FORMATS = ('savedmodel', 'tflite')
 TFLITE_FILE = 'model.tflite'
 SIGNATURE = 'serving_default'
 
 
 class ExportError(ValueError):
-    """An export that cannot be written (the target exists, an unknown format); the message says what to do."""
+    """An export that cannot be made: an unknown format, a target that is the current directory or above it, a
+    model TFLite cannot convert; the message says what to do."""
+
+
+class TargetExists(ExportError):
+    """The export's target directory exists and overwriting was not asked for."""
+
+    def __init__(self, path: Path):
+        super().__init__(f'{path}: already exists; choose another directory or overwrite it.')
+        self.path = path
+
+
+def export_target(out: str | Path, overwrite: bool) -> Path:
+    """`out` made absolute; ExportError when it is the current directory or one above it (replacing it would
+    delete what is running), TargetExists when it exists and not `overwrite`."""
+    target = Path(out).resolve()
+    if Path.cwd().is_relative_to(target):
+        raise ExportError(f'{out}: is the current directory or one above it; give the path of a new directory.')
+    if target.exists() and not overwrite:
+        raise TargetExists(target)
+    return target
 
 
 def loud_threshold(energy: tf.Tensor) -> tf.Tensor:
@@ -120,19 +139,17 @@ def save_tflite(module: PcmEmbedder, directory: Path) -> None:
     (directory / TFLITE_FILE).write_bytes(flatbuffer)
 
 
-SAVERS = {'savedmodel': save_savedmodel, 'tflite': save_tflite}
+SAVERS = dict(zip(EXPORT_FORMATS, (save_savedmodel, save_tflite), strict=True))
 
 
 def export_model(speaker_model: SpeakerModel, out: str | Path, export_format: str, overwrite: bool = False) -> Path:
     """Writes the PCM-to-embedding graph of `speaker_model` to directory `out` in `export_format` ('savedmodel':
     a SavedModel with signature 'serving_default', input 'pcm', output 'embedding'; 'tflite': out/model.tflite),
-    through a temporary directory beside `out` renamed into place. Returns `out`. ExportError when `out` exists
-    and not `overwrite`, or the format is unknown."""
-    out = Path(out)
+    through a temporary directory beside `out` renamed into place. Returns `out` made absolute. ExportError (see
+    export_target) for a target that cannot be written, or an unknown format."""
     if export_format not in SAVERS:
         raise ExportError(f'{export_format}: unknown export format; use one of {", ".join(EXPORT_FORMATS)}.')
-    if out.exists() and not overwrite:
-        raise ExportError(f'{out}: already exists; choose another directory or overwrite it.')
+    out = export_target(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f'.{out.name}.{uuid.uuid4().hex}.tmp')
     try:
@@ -157,9 +174,8 @@ def replace_directory(new: Path, target: Path) -> None:
 def export_checkpoint(checkpoint: str, out: str | Path, export_format: str, model: str = 'rescnn',
                       width: float | None = None, overwrite: bool = False) -> Path:
     """export_model of the model a checkpoint was trained as (checkpoints.build_model); CheckpointError for a
-    checkpoint that does not load."""
-    if Path(out).exists() and not overwrite:  # refuse before the slow model build.
-        raise ExportError(f'{out}: already exists; choose another directory or overwrite it.')
+    checkpoint that does not load; the target is checked (export_target) before the slow model build."""
+    export_target(out, overwrite)
     return export_model(build_model(str(checkpoint), model, width), out, export_format, overwrite)
 
 

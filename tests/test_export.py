@@ -131,6 +131,15 @@ def test_existing_directory_is_refused_then_replaced_with_overwrite(rescnn, tmp_
     assert max_difference(load_savedmodel_embedder(out), Embedder(rescnn), audio_files[:1]) < TOLERANCE
 
 
+@pytest.mark.parametrize('out', ['.', '..', '/'])
+def test_the_current_directory_or_one_above_it_is_refused_even_with_overwrite(rescnn, tmp_path, monkeypatch, out):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'keep.txt').write_text('mine')
+    with pytest.raises(ExportError, match='current directory or one above it'):
+        export_model(rescnn, out, 'savedmodel', overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ['keep.txt']
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, 'cli.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
