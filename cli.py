@@ -577,6 +577,8 @@ def cluster(inputs, out, num_speakers, threshold, checkpoint_file, model, width)
 def plot_embeddings_command(embeddings_file, out, perplexity):
     """Draws a t-SNE map of an embeddings .npz (from embed), coloured by speaker, to a PNG."""
     from plots import EmbeddingsFileError, PlotError, plot_embeddings, read_embeddings
+    if not out.lower().endswith('.png'):
+        fail(f'--out {out}: the map is drawn as a PNG; give a file name ending in .png.')
     try:
         embedding_set = read_embeddings(embeddings_file)
         plot_embeddings(embedding_set, out, perplexity)

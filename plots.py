@@ -93,5 +93,5 @@ def plot_embeddings(embedding_set: EmbeddingSet, path: str | Path, perplexity: f
     ax.legend(title='speaker (utterances)', fontsize=7, title_fontsize=7, loc='center left',
               bbox_to_anchor=(1.0, 0.5), ncols=1 + len(names) // 25)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, format='png')
     plt.close(fig)

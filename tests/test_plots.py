@@ -97,3 +97,12 @@ def test_bad_files_are_refused_in_one_line(embeddings_file, tmp_path):
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f'Error: {corrupt}: not a readable .npz')
     assert not (tmp_path / 'x.png').exists()
+
+
+@pytest.mark.parametrize('name', ['map.xyz', 'pmap'])
+def test_an_out_that_is_not_a_png_is_refused_before_drawing(embeddings_file, tmp_path, name):
+    result = run_cli('plot-embeddings', str(embeddings_file), '--out', str(tmp_path / name))
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (f'Error: --out {tmp_path / name}: the map is drawn as a PNG; '
+                                                      f'give a file name ending in .png.')
+    assert list(tmp_path.iterdir()) == []
