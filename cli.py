@@ -385,11 +385,23 @@ def load_encoder(checkpoint_file: str, model: str, width: float | None):
         return SpeakerEncoder(checkpoint_file, model, width)
 
 
-def embedded_inputs(encoder, inputs: tuple[str, ...]) -> tuple[list, object]:
+def listed_inputs(inputs: tuple[str, ...]) -> list:
+    """The AudioInputs of INPUTS (speaker.audio_inputs), found before the model loads; errors as `Error:` lines."""
+    from speaker import audio_inputs
+    with toolkit_errors():
+        return audio_inputs(inputs)
+
+
+def check_output_folder(path: str, option: str) -> None:
+    """Fails, before any embedding work, when the folder `path` is to be written in does not exist."""
+    folder = Path(path).parent
+    if not folder.is_dir():
+        fail(f'{option} {path}: no such folder {folder}; create it first or give another path.')
+
+
+def embedded_inputs(encoder, entries: list) -> tuple[list, object]:
     """The audio inputs that embedded and their EmbeddedFiles; each skipped file is listed on stderr with the
     reason."""
-    from speaker import audio_inputs
-    entries = audio_inputs(inputs)
     embedded = encoder.embed_files([entry.path for entry in entries], progress=True)
     for path, reason in embedded.skipped:
         click.echo(f'Skipped {path}: {reason}', err=True)
@@ -412,12 +424,17 @@ def embed(inputs, out, checkpoint_file, model, width):
     """Embeds INPUTS (audio files, folders searched recursively, or .txt/.lst/.scp lists of paths or Kaldi wav.scp
     lines) into --out; the first folder under a given folder names the speaker. Unreadable, empty, silent or
     too-short files are skipped and listed."""
-    from speaker import check_embeddings_file, write_embeddings
+    from speaker import check_embeddings_file, check_kaldi_keys, write_embeddings
     with toolkit_errors():
         check_embeddings_file(out)
+    check_output_folder(out, '--out')
+    found = listed_inputs(inputs)
+    if Path(out).suffix.lower() in ('.ark', '.scp'):
+        with toolkit_errors():
+            check_kaldi_keys([entry.name for entry in found])
     encoder = load_encoder(checkpoint_file, model, width)
     with toolkit_errors():
-        entries, embedded = embedded_inputs(encoder, inputs)
+        entries, embedded = embedded_inputs(encoder, found)
         if not entries:
             fail(f'none of the {len(embedded.skipped)} files could be embedded (reasons above); nothing written.')
         write_embeddings(out, entries, embedded.embeddings, encoder.fingerprint)
@@ -470,10 +487,14 @@ def enroll(files, profiles_file, speaker, checkpoint_file, model, width):
     from speaker import SpeakerProfiles, check_speaker_name
     with toolkit_errors():
         check_speaker_name(speaker)
+        if Path(profiles_file).exists():  # a bad store fails before the model loads.
+            SpeakerProfiles.read(profiles_file)
+    check_output_folder(profiles_file, '--profiles')
+    found = listed_inputs(files)
     encoder = load_encoder(checkpoint_file, model, width)
     with toolkit_errors():
         profiles = SpeakerProfiles.open(profiles_file, encoder.fingerprint)
-        entries, embedded = embedded_inputs(encoder, files)
+        entries, embedded = embedded_inputs(encoder, found)
         if not entries:
             fail(f'none of the {len(embedded.skipped)} files of --speaker {speaker} could be embedded (reasons '
                  f'above); {profiles_file} unchanged.')
@@ -500,21 +521,26 @@ def identify(inputs, profiles_file, checkpoint_file, model, width, top_k, thresh
     """Who speaks in each of INPUTS: the --top_k enrolled speakers scoring at least the threshold, best first, or
     "unknown" (with the best score) when none does. Prints file, rank, speaker, score."""
     from speaker import SpeakerProfiles, write_table
+    with toolkit_errors():  # a bad or empty store fails before the model loads.
+        if not SpeakerProfiles.read(profiles_file).names:
+            fail(f'--profiles {profiles_file}: no enrolled speakers; enrol some with enroll first.')
+    if out:
+        check_output_folder(out, '--out')
+    found = listed_inputs(inputs)
     encoder = load_encoder(checkpoint_file, model, width)
     with toolkit_errors():
         profiles = SpeakerProfiles.read(profiles_file, encoder.fingerprint)
-        if not profiles.names:
-            fail(f'--profiles {profiles_file}: no enrolled speakers; enrol some with enroll first.')
     chosen = resolved_threshold(encoder, threshold, operating_point, calibration_file)
     with toolkit_errors():
-        entries, embedded = embedded_inputs(encoder, inputs)
+        entries, embedded = embedded_inputs(encoder, found)
         matches = profiles.identify(embedded.embeddings, top_k, chosen.value) if entries else []
-        rows = [(entry.path, rank, name, f'{score:.4f}') for entry, ranked in zip(entries, matches, strict=True)
-                for rank, (name, score) in enumerate(ranked, start=1)]
-        if out:
-            write_table(out, ('file', 'rank', 'speaker', 'score'), rows)
-    for row in rows:
+    rows = [(entry.path, rank, name, f'{score:.4f}') for entry, ranked in zip(entries, matches, strict=True)
+            for rank, (name, score) in enumerate(ranked, start=1)]
+    for row in rows:  # printed first: a failing --out loses nothing.
         click.echo('\t'.join(map(str, row)))
+    if out:
+        with toolkit_errors():
+            write_table(out, ('file', 'rank', 'speaker', 'score'), rows)
     unknown = sum(ranked[0][0] == UNKNOWN_SPEAKER for ranked in matches)
     logger.info('%d files identified, %d unknown%s.', len(entries), unknown, skipped_note(embedded))
 
@@ -553,9 +579,15 @@ def cluster(inputs, out, num_speakers, threshold, checkpoint_file, model, width)
     from speaker import write_table
     if (num_speakers is None) == (threshold is None):
         fail('give exactly one of --num_speakers K and --threshold T.')
+    check_output_folder(out, '--out')
+    found = listed_inputs(inputs)
     encoder = load_encoder(checkpoint_file, model, width)
     with toolkit_errors():
-        entries, embedded = embedded_inputs(encoder, inputs)
+        entries, embedded = embedded_inputs(encoder, found)
+    if num_speakers is not None and 2 <= len(entries) < num_speakers:  # fewer than 2: cluster_embeddings says so.
+        fail(f'--num_speakers {num_speakers}: more than the {len(entries)} files embedded; give at most '
+             f'{len(entries)}.')
+    with toolkit_errors():
         labels = cluster_embeddings(embedded.embeddings, num_speakers, threshold)
         write_table(out, ('file', 'speaker', 'cluster'),
                     [(entry.path, entry.speaker or '', int(label)) for entry, label in zip(entries, labels,

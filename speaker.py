@@ -228,10 +228,8 @@ def csv_field(text: str) -> str:
     return f'"{text.replace(chr(34), 2 * chr(34))}"' if re.search(r'[,"\r\n]', text) else text
 
 
-def write_kaldi(ark: Path, scp: Path, names: list[str], embeddings: np.ndarray) -> None:
-    """A Kaldi float-vector archive `ark` (kaldiio) and its index `scp` (`name ark:offset` lines), each renamed
-    into place; SpeakerError for a name with whitespace (Kaldi keys cannot hold it)."""
-    import kaldiio
+def check_kaldi_keys(names: Sequence[str]) -> None:
+    """SpeakerError for a repeated name or one that is empty or holds whitespace (Kaldi keys cannot)."""
     repeated = sorted(name for name, count in Counter(names).items() if count > 1)
     if repeated:
         raise SpeakerError(f'{repeated[0]!r}: the name of more than one file; Kaldi keys must be unique.')
@@ -239,6 +237,13 @@ def write_kaldi(ark: Path, scp: Path, names: list[str], embeddings: np.ndarray) 
         if not name or re.search(r'\s', name):
             raise SpeakerError(f'{name!r}: Kaldi keys cannot contain whitespace; rename the file or list it as '
                                f'"utterance-id path" in a .scp list, or write .npz or .csv.')
+
+
+def write_kaldi(ark: Path, scp: Path, names: list[str], embeddings: np.ndarray) -> None:
+    """A Kaldi float-vector archive `ark` (kaldiio) and its index `scp` (`name ark:offset` lines), each renamed
+    into place; SpeakerError for a name with whitespace (Kaldi keys cannot hold it)."""
+    import kaldiio
+    check_kaldi_keys(names)
     index = io.StringIO()
     with atomic_path(ark) as tmp_ark:
         kaldiio.save_ark(str(tmp_ark), {n: e.astype(np.float32) for n, e in zip(names, embeddings, strict=True)},

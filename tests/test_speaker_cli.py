@@ -200,6 +200,36 @@ def test_cluster_of_the_test_other_folders_prints_purity_ari_and_nmi(tmp_path):
     assert '20 files in' in by_threshold.stdout
     assert 'purity' not in invoke('cluster', *PHILIPPE, OTHER, '--num_speakers', '2', '--out', out).stdout
     assert 'exactly one' in error_line(invoke('cluster', LIBRI, '--out', out, ok=False))
+    too_many = error_line(invoke('cluster', *PHILIPPE, '--num_speakers', '50', '--out', out, ok=False))
+    assert too_many == 'Error: --num_speakers 50: more than the 4 files embedded; give at most 4.'
+
+
+def test_bad_outputs_inputs_and_stores_are_refused_before_the_model_loads(tmp_path):
+    missing_model = ('--checkpoint_file', tmp_path / 'no-such-model.keras')  # loading it would fail: never reached.
+    nowhere = tmp_path / 'no-such-folder'
+    for command in (['embed', PHILIPPE[0], '--out', nowhere / 'e.npz'],
+                    ['identify', '--profiles', tmp_path / 'p.npz', PHILIPPE[0], '--out', nowhere / 'ids.csv'],
+                    ['cluster', *PHILIPPE, '--num_speakers', '2', '--out', nowhere / 'c.csv']):
+        if command[0] == 'identify':
+            invoke('enroll', '--profiles', tmp_path / 'p.npz', '--speaker', 'philippe', PHILIPPE[0])
+        line = error_line(invoke(*command, *missing_model, ok=False))
+        assert line == f'Error: --out {command[-1]}: no such folder {nowhere}; create it first or give another path.'
+    line = error_line(invoke('enroll', '--profiles', nowhere / 'p.npz', '--speaker', 'x', PHILIPPE[0], *missing_model,
+                             ok=False))
+    assert line.startswith(f'Error: --profiles {nowhere / "p.npz"}: no such folder')
+    spaced = tmp_path / 'a b.wav'
+    spaced.write_bytes(Path(PHILIPPE[0]).read_bytes())
+    line = error_line(invoke('embed', spaced, '--out', tmp_path / 'e.ark', *missing_model, ok=False))
+    assert 'Kaldi keys cannot contain whitespace' in line and not (tmp_path / 'e.ark').exists()
+    corrupt = tmp_path / 'corrupt.npz'
+    corrupt.write_bytes(b'not a zip')
+    for command in (['identify', '--profiles', corrupt, PHILIPPE[0]],
+                    ['enroll', '--profiles', corrupt, '--speaker', 'x', PHILIPPE[0]]):
+        assert 'not a speaker profile store' in error_line(invoke(*command, *missing_model, ok=False))
+    binary_list = tmp_path / 'list.txt'
+    binary_list.write_bytes(Path(PHILIPPE[0]).read_bytes())
+    line = error_line(invoke('embed', binary_list, '--out', tmp_path / 'e.npz', *missing_model, ok=False))
+    assert line.startswith(f'Error: {binary_list}: not a text list of audio paths')
 
 
 def test_eval_trials_records_the_thresholds_that_verify_uses(tmp_path):
