@@ -16,7 +16,7 @@ PREEMPHASIS = 0.97  # python_speech_features' default pre-emphasis coefficient.
 SILENCE_PERCENTILE = 95  # samples louder than this percentile of |x| mark the start and end of speech.
 NORMALIZE_EPSILON = 1e-12  # floor of a frame's standard deviation.
 FBANK_BLOCK_FRAMES = 4096  # frames transformed at once (about 17 MB of spectra): long files stay bounded.
-AUDIO_EXTENSIONS = ('.flac', '.wav')
+AUDIO_EXTENSIONS = ('.flac', '.wav', '.ogg', '.mp3')  # formats libsndfile reads: folder scans and uploads.
 
 # Augmentation (cache variants).
 AUGMENTED_MARK = '~'  # in a cached speaker or utterance name: an augmented copy (excluded from evaluation).
@@ -95,7 +95,6 @@ SERVICE_PORT = 8000
 SERVICE_MAX_UPLOAD_MB = 20.0  # request body limit (all uploads of one request), MB of 10**6 bytes.
 SERVICE_MAX_SECONDS = 60.0  # longest accepted recording, seconds.
 SERVICE_QUEUE_SIZE = 8  # model jobs waiting behind the one running; more get 503.
-SERVICE_UPLOAD_EXTENSIONS = ('.wav', '.flac', '.ogg', '.mp3')  # formats libsndfile reads.
 SERVICE_TOKEN_ENV = 'DEEP_SPEAKER_TOKEN'  # environment variable of the bearer token (--token overrides it).
 
 # Working directory layout.

@@ -53,7 +53,8 @@ def read_audio(path: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     try:
         audio, file_rate = sf.read(path, dtype='float32', always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise AudioError(f'{path}: not a readable wav/flac file ({e}); remove or re-encode it.') from None
+        raise AudioError(f'{path}: not a readable audio file (wav, flac, ogg, mp3) ({e}); remove or re-encode '
+                         f'it.') from None
     except MemoryError:  # soundfile allocates the length the header declares before decoding.
         raise AudioError(f'{path}: declares more samples than memory holds; re-encode it.') from None
     if file_rate < MIN_FILE_SAMPLE_RATE:

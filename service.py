@@ -38,12 +38,12 @@ from starlette.exceptions import HTTPException
 
 from checkpoints import architecture_of
 from constants import (
+    AUDIO_EXTENSIONS,
     DEFAULT_TOP_K,
     SAMPLE_RATE,
     SERVICE_MAX_SECONDS,
     SERVICE_MAX_UPLOAD_MB,
     SERVICE_QUEUE_SIZE,
-    SERVICE_UPLOAD_EXTENSIONS,
     UNKNOWN_SPEAKER,
 )
 from embedding import utterance_windows
@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / 'static'
 UPLOAD_CHUNK_BYTES = 1 << 20  # bytes copied at a time from an upload to its temporary file.
-FORMATS = '/'.join(extension.lstrip('.') for extension in SERVICE_UPLOAD_EXTENSIONS)
+FORMATS = '/'.join(extension.lstrip('.') for extension in AUDIO_EXTENSIONS)
 
 
 class ServiceError(Exception):
@@ -223,7 +223,7 @@ async def saved_uploads(files: list[UploadFile], directory: Path) -> list[SavedU
     for index, file in enumerate(files):
         name = file.filename or f'upload {index + 1}'
         suffix = Path(name).suffix.lower()
-        if suffix not in SERVICE_UPLOAD_EXTENSIONS:
+        if suffix not in AUDIO_EXTENSIONS:
             raise ServiceError(415, f'{name}: not a {FORMATS} file name; upload one of those formats.')
         path = directory / f'{index}{suffix}'
         with open(path, 'wb') as out:

@@ -348,10 +348,11 @@ def test_cli_eval_trials_skips_undecodable_files_with_their_trials_or_refuses_wi
     listed = tmp_path / 'trials.skipped.txt'
     assert (f'Skipped 1 files that could not be decoded and their 2 trials (listed in {listed}); scoring the other '
             f'4 trials.') in result.stderr
-    assert listed.read_text().startswith(f'{bad}: not a readable wav/flac file')
+    assert listed.read_text().startswith(f'{bad}: not a readable audio file (wav, flac, ogg, mp3)')
     with open(scores_file, newline='') as f:
         assert [f"{r['label']} {r['enrol']} {r['test']}" for r in csv.DictReader(f)] == good
 
     strict = run_cli(*options, '--strict')
     assert strict.returncode == 1
-    assert strict.stderr.strip().splitlines()[-1].startswith(f'Error: {bad}: not a readable wav/flac file')
+    assert strict.stderr.strip().splitlines()[-1].startswith(f'Error: {bad}: not a readable audio file (wav, flac, '
+                                                             f'ogg, mp3)')
