@@ -94,9 +94,20 @@ def weights_h5_shapes(path: str, model: keras.Model) -> dict[str, list[tuple]]:
         for layer in model.layers:
             key = snake_case(type(layer).__name__)
             counts[key] = counts.get(key, -1) + 1
-            group = f.get(f'layers/{key}' + (f'_{counts[key]}' if counts[key] else '') + '/vars')
+            group = f.get(f'layers/{key}' + (f'_{counts[key]}' if counts[key] else ''))
             if group is not None:
-                shapes[layer.name] = [tuple(group[str(i)].shape) for i in range(len(group))]
+                shapes[layer.name] = nested_var_shapes(group)
+    return shapes
+
+
+def nested_var_shapes(group: h5py.Group) -> list[tuple]:
+    """The shapes of a layer group's own `vars`, then those of its sub-objects' (a GRU keeps its weights under
+    `cell/vars`), in Keras' save order."""
+    own = group.get('vars')
+    shapes = [tuple(own[str(i)].shape) for i in range(len(own))] if own is not None else []
+    for key, child in group.items():
+        if key != 'vars' and isinstance(child, h5py.Group):
+            shapes += nested_var_shapes(child)
     return shapes
 
 
