@@ -127,8 +127,10 @@ def training_lock(directory: Path) -> Iterator[Path]:
             logger.info('%s: taking over the lock of process %d, which is no longer running.', path, previous)
         os.ftruncate(fd, 0)
         os.write(fd, f'{os.getpid()}\n'.encode())
-        yield path
-        os.ftruncate(fd, 0)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)
     finally:
         os.close(fd)
 
