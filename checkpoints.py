@@ -22,7 +22,13 @@ import h5py
 import keras
 import numpy as np
 
-from constants import CHECKPOINT_STATE_ENTRY, FINGERPRINT_HASH_CHARS, HDF5_SIGNATURE, ZIP_SIGNATURE
+from constants import (
+    CHECKPOINT_STATE_ENTRY,
+    FILE_KIND_HEAD_BYTES,
+    FINGERPRINT_HASH_CHARS,
+    HDF5_SIGNATURE,
+    ZIP_SIGNATURE,
+)
 from conv_models import MODELS, SpeakerModel
 from triplet_loss import deep_speaker_loss
 from workdir import atomic_path, best_checkpoint, last_checkpoint, remove_orphan_temp_files, state_file
@@ -123,7 +129,7 @@ def file_kind(path: str) -> str:
     """What the first bytes of a file say it is: 'an HDF5 file', 'a zip archive', 'an empty file', 'a text file?'
     or 'an unknown binary format'."""
     with open(path, 'rb') as f:
-        head = f.read(512)
+        head = f.read(FILE_KIND_HEAD_BYTES)
     if head.startswith(HDF5_SIGNATURE):
         return 'an HDF5 file'
     if head.startswith(ZIP_SIGNATURE):
