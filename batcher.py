@@ -22,7 +22,7 @@ from constants import (
     NUM_FRAMES,
     TRAIN_TEST_RATIO,
 )
-from workdir import INPUTS_META, NotBuiltError, WorkingDir, atomic_path
+from workdir import INPUTS_META, NotBuiltError, WorkingDir, atomic_path, remove_orphan_temp_files
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +141,7 @@ class KerasFormatConverter:
         """Writes the four arrays and the speaker map; does nothing when they exist for the same settings.
         InputsError, before anything is written, when the cache holds fewer than MIN_TRAINING_SPEAKERS speakers."""
         check_speaker_count(self.workdir.cache_dir, len(self.categorical_speakers.speaker_ids), 'features')
+        remove_orphan_temp_files(self.output_dir, '.*.tmp.npy')  # those of a killed build.
         settings = self.settings(max_length, counts_per_speaker, seed)
         if self.is_built(settings):
             logger.info('%s is up to date; nothing to do.', self.output_dir)

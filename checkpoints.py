@@ -22,7 +22,13 @@ import h5py
 import keras
 import numpy as np
 
-from constants import CHECKPOINT_STATE_ENTRY, FINGERPRINT_HASH_CHARS, HDF5_SIGNATURE, ZIP_SIGNATURE
+from constants import (
+    CHECKPOINT_STATE_ENTRY,
+    FILE_KIND_HEAD_BYTES,
+    FINGERPRINT_HASH_CHARS,
+    HDF5_SIGNATURE,
+    ZIP_SIGNATURE,
+)
 from conv_models import MODELS, SpeakerModel
 from triplet_loss import deep_speaker_loss
 from workdir import atomic_path, best_checkpoint, last_checkpoint, remove_orphan_temp_files, state_file
@@ -94,9 +100,20 @@ def weights_h5_shapes(path: str, model: keras.Model) -> dict[str, list[tuple]]:
         for layer in model.layers:
             key = snake_case(type(layer).__name__)
             counts[key] = counts.get(key, -1) + 1
-            group = f.get(f'layers/{key}' + (f'_{counts[key]}' if counts[key] else '') + '/vars')
+            group = f.get(f'layers/{key}' + (f'_{counts[key]}' if counts[key] else ''))
             if group is not None:
-                shapes[layer.name] = [tuple(group[str(i)].shape) for i in range(len(group))]
+                shapes[layer.name] = nested_var_shapes(group)
+    return shapes
+
+
+def nested_var_shapes(group: h5py.Group) -> list[tuple]:
+    """The shapes of a layer group's own `vars`, then those of its sub-objects' (a GRU keeps its weights under
+    `cell/vars`), in Keras' save order."""
+    own = group.get('vars')
+    shapes = [tuple(own[str(i)].shape) for i in range(len(own))] if own is not None else []
+    for key, child in group.items():
+        if key != 'vars' and isinstance(child, h5py.Group):
+            shapes += nested_var_shapes(child)
     return shapes
 
 
@@ -112,7 +129,7 @@ def file_kind(path: str) -> str:
     """What the first bytes of a file say it is: 'an HDF5 file', 'a zip archive', 'an empty file', 'a text file?'
     or 'an unknown binary format'."""
     with open(path, 'rb') as f:
-        head = f.read(512)
+        head = f.read(FILE_KIND_HEAD_BYTES)
     if head.startswith(HDF5_SIGNATURE):
         return 'an HDF5 file'
     if head.startswith(ZIP_SIGNATURE):
@@ -265,11 +282,25 @@ def read_state(directory: Path, name: str) -> dict:
     `<name>_last.keras` when it holds it (it is the checkpoint a resume loads), else from `<name>_state.json`."""
     last = last_checkpoint(directory, name)
     if last.exists():
-        with zipfile.ZipFile(last) as archive:
+        with readable(last), zipfile.ZipFile(last) as archive:
             if CHECKPOINT_STATE_ENTRY in archive.namelist():
                 return json.loads(archive.read(CHECKPOINT_STATE_ENTRY))
     path = state_file(directory, name)
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    with readable(path):
+        return json.loads(path.read_text())
+
+
+@contextmanager
+def readable(path: Path) -> Iterator[None]:
+    """Turns the errors of reading a damaged training checkpoint or state file into a CheckpointError naming it."""
+    try:
+        yield
+    except (ValueError, KeyError, OSError, zipfile.BadZipFile) as e:
+        message = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f'{path}: damaged ({message}); delete it (or the whole checkpoints dir) to start this '
+                              f'training phase over.') from None
 
 
 def resumed_or_new(directory: Path, name: str, new_model: Callable[[], keras.Model]) -> tuple[keras.Model, int]:
@@ -278,9 +309,20 @@ def resumed_or_new(directory: Path, name: str, new_model: Callable[[], keras.Mod
     epoch = read_state(directory, name).get('epoch', 0)
     if last.exists() and epoch > 0:
         logger.info('Resuming from %s after epoch %d.', last, epoch)
-        return keras.saving.load_model(last, custom_objects={'deep_speaker_loss': deep_speaker_loss},
-                                       safe_mode=True), epoch
+        with readable(last):
+            return keras.saving.load_model(last, custom_objects={'deep_speaker_loss': deep_speaker_loss},
+                                           safe_mode=True), epoch
     return new_model(), 0
+
+
+@contextmanager
+def writable(path: Path) -> Iterator[None]:
+    """Turns an OSError while writing `path` into a CheckpointError naming it."""
+    try:
+        yield
+    except OSError as e:
+        raise CheckpointError(f'{path}: cannot be written ({e.strerror or e}); free disk space and run '
+                              f'train-model again (it resumes from the last checkpoint).') from None
 
 
 class AtomicCheckpoint(keras.callbacks.Callback):
@@ -289,9 +331,9 @@ class AtomicCheckpoint(keras.callbacks.Callback):
     the `counted` callbacks, e.g. ReduceLROnPlateau's epochs without improvement) goes inside `_last.keras`, so
     the two never disagree, and into `<name>_state.json` for people and scripts. Place it after the `counted`
     callbacks: it saves what their end of epoch changed and restores their counters after they reset them.
-    Writes go through a temporary file (`.<name>.<pid>-<random>.tmp.keras`) and a rename, so a killed write never
-    leaves a checkpoint that loads wrong; the temporary files of killed runs (their process is gone) are deleted
-    at the start."""
+    Writes go through a temporary file (`.<name>.<pid>-<random>.tmp.keras`, `.<name>_state.<pid>-<random>.tmp.json`)
+    and a rename, so a killed write never leaves a checkpoint that loads wrong; the temporary files of killed runs
+    (their process is gone) are deleted at the start."""
 
     def __init__(self, directory: Path, name: str, monitor: str, mode: str, counted: tuple = ()):
         super().__init__()
@@ -299,22 +341,19 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         self.state = read_state(directory, name)
         self.best, self.seconds = self.state.get('best'), self.state.get('seconds', 0.0)
         self.epoch_start = time.perf_counter()
-        remove_orphan_temp_files(directory, f'.{name}.*.tmp.keras')
+        for pattern in (f'.{name}.*.tmp.keras', f'.{state_file(directory, name).stem}.*.tmp.json'):
+            remove_orphan_temp_files(directory, pattern)
 
     def improved(self, value: float) -> bool:
         return self.best is None or (value > self.best if self.mode == 'max' else value < self.best)
 
     def save(self, path: Path, state: dict | None = None) -> None:
         """Writes the model (and `state`) to `path` atomically; CheckpointError naming it when it cannot be written."""
-        try:
-            with atomic_path(path, self.name) as tmp:
-                self.model.save(tmp)
-                if state is not None:
-                    with zipfile.ZipFile(tmp, 'a') as archive:
-                        archive.writestr(CHECKPOINT_STATE_ENTRY, json.dumps(state))
-        except OSError as e:
-            raise CheckpointError(f'{path}: cannot be written ({e.strerror or e}); free disk space and run '
-                                  f'train-model again (it resumes from the last checkpoint).') from None
+        with writable(path), atomic_path(path, self.name) as tmp:
+            self.model.save(tmp)
+            if state is not None:
+                with zipfile.ZipFile(tmp, 'a') as archive:
+                    archive.writestr(CHECKPOINT_STATE_ENTRY, json.dumps(state))
 
     def counters(self) -> dict:
         return {type(c).__name__: {'wait': int(c.wait), 'best': float(c.best)} for c in self.counted}
@@ -337,5 +376,6 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         self.state = {'epoch': epoch + 1, 'best': self.best, 'monitor': self.monitor,
                       'seconds': round(self.seconds, 1), 'counters': self.counters()}
         self.save(last_checkpoint(self.directory, self.name), self.state)
-        with atomic_path(state_file(self.directory, self.name)) as tmp:
+        path = state_file(self.directory, self.name)
+        with writable(path), atomic_path(path) as tmp:
             tmp.write_text(json.dumps(self.state))

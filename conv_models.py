@@ -137,6 +137,10 @@ class SpeakerModel:
             x = layers.UnitNormalization(axis=1, name='ln')(x)
         self.m = keras.Model(inputs, x, name=self.name)
 
+    def keras_model(self) -> keras.Model:
+        """The Keras model, `.m`; kept for the users of the original project (`DeepSpeakerModel().keras_model()`)."""
+        return self.m
+
     def get_weights(self) -> list[np.ndarray]:
         """The model's weights without the softmax head's kernel and bias."""
         weights = self.m.get_weights()

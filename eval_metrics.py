@@ -5,7 +5,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from constants import EVAL_THRESHOLD_STEP
+from constants import DCF_P_TARGET, EVAL_THRESHOLD_STEP
 
 
 class Metrics(NamedTuple):
@@ -75,7 +75,7 @@ def equal_error_rate(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(p_miss[crossing - 1] + weight * (p_miss[crossing] - p_miss[crossing - 1]))
 
 
-def min_dcf(scores: np.ndarray, labels: np.ndarray, p_target: float = 0.01, c_miss: float = 1.0,
+def min_dcf(scores: np.ndarray, labels: np.ndarray, p_target: float = DCF_P_TARGET, c_miss: float = 1.0,
             c_fa: float = 1.0) -> float:
     """Minimum normalised detection cost over all thresholds (NIST SRE definition)."""
     _, p_miss, p_fa = error_rates(scores, labels)
@@ -98,7 +98,7 @@ def eer_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
     return threshold_at(thresholds, int(np.argmax(p_miss >= p_fa)))
 
 
-def min_dcf_threshold(scores: np.ndarray, labels: np.ndarray, p_target: float = 0.01, c_miss: float = 1.0,
+def min_dcf_threshold(scores: np.ndarray, labels: np.ndarray, p_target: float = DCF_P_TARGET, c_miss: float = 1.0,
                       c_fa: float = 1.0) -> float:
     """The score threshold (accept score >= it) of the minimum detection cost (min_dcf's)."""
     thresholds, p_miss, p_fa = error_rates(scores, labels)

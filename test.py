@@ -3,7 +3,7 @@ negatives, on the held-out part of its audio) and VoxCeleb-style trial lists on 
 embeddings of one or several checkpoints, fusion, scores CSV, DET plot, EER and minDCF), with deterministic
 whole-utterance embeddings from embedding.py.
 
-Imports embedding, checkpoints, audio (the cache index), batcher, conv_models, eval_metrics and constants."""
+Imports embedding, audio (the cache index), batcher, conv_models, eval_metrics and constants."""
 
 import logging
 import os
@@ -102,8 +102,8 @@ def trial_fields(fields: list[str], where: str, line: str) -> tuple[int, str, st
 
 
 def path_under(root: Path, name: str, where: str) -> Path:
-    """`name` resolved under `root` (lexically: symbolic links inside the root may point anywhere); TrialError for
-    a path that leaves it (`../`, an absolute path elsewhere)."""
+    """`name` resolved under `root` (an absolute, normalised path; lexically: symbolic links inside the root may
+    point anywhere); TrialError for a path that leaves it (`../`, an absolute path elsewhere)."""
     path = Path(os.path.normpath(root / name))
     if not path.is_relative_to(root) or path == root:
         raise TrialError(f'{where}: {name} is outside --audio_root {root}; trial paths must lie under it.')
@@ -113,7 +113,7 @@ def path_under(root: Path, name: str, where: str) -> Path:
 def read_trials(trials_file: str, audio_root: str) -> Trials:
     """Parses the trial lines (trial_fields; paths under `audio_root`) and checks every file exists, before
     anything is computed."""
-    root = Path(os.path.normpath(audio_root))
+    root = Path(os.path.abspath(audio_root))  # absolute: Path('..').is_relative_to(Path('.')) is True.
     index: dict[Path, int] = {}
     labels, enrol, test = [], [], []
     lines = Path(trials_file).read_text().splitlines()
@@ -165,8 +165,7 @@ def concatenated_embeddings(embeddings: list[np.ndarray], weights: list[float]) 
 
 class TrialsResult(NamedTuple):
     """What evaluate_trials measured: EER (fraction), minDCF at DCF_P_TARGET, where the scores went, the score
-    thresholds at the EER and at minDCF (accept score >= threshold), the fingerprint of each model, and what was
-    skipped (files that could not be decoded, their trials, the file listing them or None)."""
+    thresholds at the EER and at minDCF (accept score >= threshold) and the fingerprint of each model."""
     equal_error_rate: float
     min_dcf: float
     scores_file: str
@@ -176,9 +175,6 @@ class TrialsResult(NamedTuple):
     eer_threshold: float
     min_dcf_threshold: float
     fingerprints: list[str]
-    skipped_files: int = 0
-    skipped_trials: int = 0
-    skipped_list: str | None = None
 
 
 def without_files(trials: Trials, skipped: set[int]) -> Trials:
@@ -197,6 +193,18 @@ def check_both_classes(trials_file: str, labels: np.ndarray, after: str = '') ->
         raise TrialError(f'{trials_file}: needs both target (1) and non-target (0) trials{after}.')
 
 
+def check_writable_folder(output: str | None) -> None:
+    """TrialError naming `output` when its folder does not exist or cannot be written (checked before any
+    embedding); nothing for None."""
+    if output is None:
+        return
+    folder = Path(output).parent
+    if not folder.is_dir():
+        raise TrialError(f'{output}: folder {folder} does not exist; create it or choose another path.')
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise TrialError(f'{output}: folder {folder} is not writable; choose another path.')
+
+
 def evaluate_trials(trials_file: str, audio_root: str, checkpoint_files: list[str], model: str = 'rescnn',
                     width: float | None = None, fusion: str = 'score', weights: list[float] | None = None,
                     crop: bool = False, scores_file: str | None = None, det_plot: str | None = None,
@@ -210,10 +218,12 @@ def evaluate_trials(trials_file: str, audio_root: str, checkpoint_files: list[st
     weights = weights or [1.0] * len(checkpoint_files)
     trials = read_trials(trials_file, audio_root)
     check_both_classes(trials_file, trials.labels)
+    scores_file = scores_file or f'{Path(trials_file).stem}.scores.csv'
+    for output in (scores_file, det_plot):
+        check_writable_folder(output)
     reasons: dict[int, str] | None = None if strict else {}
     embedders = [Embedder.from_checkpoint(path, model, width, crop) for path in checkpoint_files]
     embeddings = [embedder.embed_files(trials.files, reasons) for embedder in embedders]
-    scores_file = scores_file or f'{Path(trials_file).stem}.scores.csv'
     skipped_list = Path(scores_file).with_name(Path(trials_file).stem + SKIPPED_TRIALS_SUFFIX)
     skipped_list.unlink(missing_ok=True)
     num_trials = len(trials.labels)
@@ -238,9 +248,7 @@ def evaluate_trials(trials_file: str, audio_root: str, checkpoint_files: list[st
     result = TrialsResult(equal_error_rate(scores, trials.labels), min_dcf(scores, trials.labels, DCF_P_TARGET),
                           scores_file, int(trials.labels.sum()), int((trials.labels == 0).sum()), used_files,
                           eer_threshold(scores, trials.labels), min_dcf_threshold(scores, trials.labels, DCF_P_TARGET),
-                          [embedder.fingerprint for embedder in embedders],
-                          len(reasons or {}), num_trials - len(trials.labels),
-                          str(skipped_list) if reasons else None)
+                          [embedder.fingerprint for embedder in embedders])
     logger.info('%d target and %d non-target trials over %d utterances; scores in %s.', result.num_target,
                 result.num_nontarget, result.num_files, scores_file)
     return result

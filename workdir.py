@@ -17,18 +17,15 @@ from pathlib import Path
 
 from constants import (
     CACHE_SUBDIR,
-    CHECKPOINTS_SOFTMAX_DIR,
-    CHECKPOINTS_TRIPLET_DIR,
+    INPUTS_META,
     KERAS_INPUTS_SUBDIR,
     LOGS_SUBDIR,
+    PHASE_DIRS,
     SKIPPED_FILES_REPORT,
     TRAINING_LOCK,
 )
 
 logger = logging.getLogger(__name__)
-
-PHASE_DIRS = {'softmax': CHECKPOINTS_SOFTMAX_DIR, 'triplet': CHECKPOINTS_TRIPLET_DIR}
-INPUTS_META = 'meta.json'
 
 
 class NotBuiltError(FileNotFoundError):
@@ -127,8 +124,10 @@ def training_lock(directory: Path) -> Iterator[Path]:
             logger.info('%s: taking over the lock of process %d, which is no longer running.', path, previous)
         os.ftruncate(fd, 0)
         os.write(fd, f'{os.getpid()}\n'.encode())
-        yield path
-        os.ftruncate(fd, 0)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)
     finally:
         os.close(fd)
 

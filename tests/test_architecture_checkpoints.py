@@ -105,6 +105,27 @@ def test_tdnn_checkpoint_of_a_width_not_a_multiple_of_1_512_rebuilds(tmp_path, w
     np.testing.assert_allclose(predict(rebuilt.m, x), predict(original.m, x), atol=1e-6)
 
 
+@pytest.mark.parametrize('name', ['rescnn', 'tdnn', 'gru'])
+def test_weights_h5_of_each_architecture_loads_into_a_fresh_model(tmp_path, name):
+    """Keras keeps a GRU's weights under `layers/gru/cell/vars`, not the layer's own `vars`."""
+    original = MODELS[name](width=SMALL_WIDTH)
+    randomise(original.m, seed=12)
+    path = str(tmp_path / f'{MODELS[name].name}.weights.h5')
+    original.m.save_weights(path)
+    fresh = MODELS[name](width=SMALL_WIDTH)
+    assert load_checkpoint(fresh.m, path) == []
+    for expected, actual in zip(original.m.get_weights(), fresh.m.get_weights(), strict=True):
+        np.testing.assert_array_equal(actual, expected)
+
+
+@pytest.mark.parametrize('name', ['tdnn', 'gru'])
+def test_weights_h5_of_another_width_is_refused_naming_a_layer(tmp_path, name):
+    path = str(tmp_path / f'{MODELS[name].name}.weights.h5')
+    MODELS[name](width=2 * SMALL_WIDTH).m.save_weights(path)
+    with pytest.raises(CheckpointError, match='weights of another architecture: layer'):
+        load_checkpoint(MODELS[name](width=SMALL_WIDTH).m, path)
+
+
 @pytest.mark.parametrize(('saved', 'loaded'), [('tdnn', 'rescnn'), ('rescnn', 'tdnn'), ('gru', 'tdnn')])
 def test_checkpoint_of_another_architecture_raises(tmp_path, saved, loaded):
     path = str(tmp_path / f'{saved}.keras')

@@ -1,6 +1,8 @@
 """batcher.py: crops, the per-speaker train/test split, the Keras input files and the triplet batcher."""
 
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import dill
@@ -245,6 +247,20 @@ def test_different_max_length_rebuilds(working_dir, tmp_path):
 
 def test_no_temporary_files_left(generated):
     assert [p for p in generated.working_dir.rglob('*') if p.name.startswith('.')] == []
+
+
+def test_temporary_files_of_a_killed_build_are_removed(working_dir, tmp_path):
+    converter = KerasFormatConverter(str(copy_cache(working_dir, tmp_path)))
+    converter.output_dir.mkdir(parents=True)
+    finished = subprocess.Popen(['true'])
+    finished.wait()  # its pid is that of a writer that has gone.
+    orphan = converter.path(f'.kx_train.{finished.pid}-0a1b2c.tmp.npy')
+    live = converter.path(f'.kx_test.{os.getpid()}-0a1b2c.tmp.npy')
+    orphan.write_bytes(b'partial')
+    live.write_bytes(b'partial')
+    converter.generate(counts_per_speaker=COUNTS, seed=1)
+    assert not orphan.exists()
+    assert live.exists()
 
 
 def test_empty_working_dir_raises(tmp_path):

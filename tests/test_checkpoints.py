@@ -4,6 +4,7 @@ over a state file left one epoch behind, and ReduceLROnPlateau / EarlyStopping c
 import json
 import os
 import shutil
+import subprocess
 import warnings
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -142,3 +143,43 @@ def test_a_keras_2_h5_of_another_width_names_the_layer_and_both_shapes(tmp_path)
     with pytest.raises(CheckpointError, match=r'wide.h5: weights of another architecture: layer conv64-s has '
                                               r'\(5,5,1,16\), the model \(5,5,1,8\)'):
         load_checkpoint(DeepSpeakerModel(width=SMALL_WIDTH).m, path)
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    process = subprocess.Popen(['true'])
+    process.wait()
+    return process.pid
+
+
+@pytest.mark.parametrize(('name', 'content'), [('ResCNN_last.keras', b'PK\x03\x04 cut short'),
+                                               ('ResCNN_state.json', b'{"epoch": 3, "be')])
+def test_a_damaged_training_checkpoint_or_state_file_names_it_and_says_to_delete_it(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    for read in (lambda: read_state(tmp_path, 'ResCNN'),
+                 lambda: AtomicCheckpoint(tmp_path, 'ResCNN', 'val_loss', 'min'),
+                 lambda: resumed_or_new(tmp_path, 'ResCNN', new_model=lambda: pytest.fail('a new model was built'))):
+        with pytest.raises(CheckpointError) as error:
+            read()
+        assert str(error.value).startswith(f'{tmp_path / name}: damaged (')
+        assert 'delete it' in str(error.value)
+
+
+def test_temporary_files_of_dead_writers_are_removed_and_those_of_live_ones_kept(tmp_path):
+    dead, live = dead_pid(), os.getpid()
+    orphans = [tmp_path / f'.ResCNN.{dead}-0a1b.tmp.keras', tmp_path / f'.ResCNN_state.{dead}-0a1b.tmp.json']
+    kept = [tmp_path / f'.ResCNN.{live}-0a1b.tmp.keras', tmp_path / f'.ResCNN_state.{live}-0a1b.tmp.json',
+            tmp_path / f'.TDNN.{dead}-0a1b.tmp.keras']
+    for path in orphans + kept:
+        path.write_bytes(b'partial')
+    AtomicCheckpoint(tmp_path, 'ResCNN', 'val_loss', 'min')
+    assert sorted(p for p in tmp_path.iterdir()) == sorted(kept)
+
+
+def test_a_state_file_that_cannot_be_written_is_a_checkpoint_error_naming_it(tmp_path, model):
+    checkpoint = AtomicCheckpoint(tmp_path, 'ResCNN', 'val_loss', 'min')
+    checkpoint.set_model(model)
+    (tmp_path / 'ResCNN_state.json').mkdir()  # the rename onto it fails.
+    with pytest.raises(CheckpointError, match=f'^{tmp_path / "ResCNN_state.json"}: cannot be written'):
+        checkpoint.on_epoch_end(0, {'val_loss': 2.0})
+    assert list(tmp_path.glob('.*.tmp.*')) == []

@@ -95,6 +95,11 @@ def test_full_model_outputs_512_dimensional_embeddings(full_model):
     assert tuple(full_model.m.input_shape) == (None, 160, 64, 1)
 
 
+def test_keras_model_of_the_original_api_is_the_model(full_model):
+    assert isinstance(full_model.keras_model(), keras.Model)
+    assert full_model.keras_model() is full_model.m
+
+
 def test_full_model_has_the_original_layer_names(full_model):
     names = {layer.name for layer in full_model.m.layers}
     for name in ('input', 'conv64-s', 'conv64-s_bn', 'res1_0_branch_2a', 'res1_0_branch_2a_bn',

@@ -96,6 +96,26 @@ def test_read_trials_refuses_a_path_outside_the_audio_root_naming_file_and_line(
                                 f'lie under it.')
 
 
+@pytest.mark.parametrize('name', ['../outside.flac', '../../outside.flac'])
+def test_read_trials_refuses_a_path_outside_a_relative_audio_root(tmp_path, audio_root, monkeypatch, name):
+    """`--audio_root .`: Path('..').is_relative_to(Path('.')) is True, so the root is made absolute first."""
+    (tmp_path / 'outside.flac').write_bytes((audio_root / SHORT_A1).read_bytes())
+    trials_file = write_list(tmp_path / 'trials.txt', [f'1 {SHORT_A1} {SHORT_A2}', f'0 {SHORT_A1} {name}'])
+    monkeypatch.chdir(audio_root)
+    with pytest.raises(evaluation.TrialError, match=re.escape(f'{trials_file}:2: {name} is outside --audio_root')):
+        evaluation.read_trials(trials_file, '.')
+
+
+@pytest.mark.parametrize('option', ['scores_file', 'det_plot'])
+def test_evaluate_trials_refuses_an_output_in_a_missing_folder_before_loading_a_model(tmp_path, option):
+    trials_file = write_list(tmp_path / 'trials.txt', [f'1 {SHORT_A1} {SHORT_A2}', f'0 {SHORT_A1} {SHORT_B1}'])
+    output = tmp_path / 'absent' / 'out.csv'
+    with pytest.raises(evaluation.TrialError) as error:  # the checkpoint does not exist: it must not be read.
+        evaluation.evaluate_trials(trials_file, str(AUDIO_ROOT), [str(tmp_path / 'unused.keras')],
+                                   **{option: str(output)})
+    assert str(error.value) == f'{output}: folder {output.parent} does not exist; create it or choose another path.'
+
+
 def test_read_trials_accepts_an_absolute_path_inside_the_audio_root(tmp_path, audio_root):
     trials_file = write_list(tmp_path / 'trials.txt', [f'1 {audio_root / SHORT_A1} {SHORT_A2}'])
     assert evaluation.read_trials(trials_file, str(audio_root)).files == [audio_root / SHORT_A1,
