@@ -301,8 +301,8 @@ class Audio:
             raise FileNotFoundError(f'--audio_dir {audio_dir}: no such directory.')
         files = find_audio_files(str(audio_dir))
         if not files:
-            raise FileNotFoundError(f'--audio_dir {audio_dir}: no .flac or .wav files; expected '
-                                    f'speaker/chapter/utterance.flac (LibriSpeech) or speaker/utterance.wav.')
+            raise FileNotFoundError(f'--audio_dir {audio_dir}: no audio files ({", ".join(AUDIO_EXTENSIONS)}); '
+                                    f'expected speaker/chapter/utterance.flac (LibriSpeech) or speaker/utterance.wav.')
         self._prepare_cache_dir(files, audio_dir)
         if removed := remove_orphan_temp_files(self.cache_dir, '*/.*.tmp.npy'):
             logger.info('Removed %d temporary files of an interrupted build.', removed)

@@ -146,7 +146,7 @@ def test_a_missing_audio_dir_creates_nothing(tmp_path):
     empty = tmp_path / 'empty' / 'speaker'
     empty.mkdir(parents=True)
     result = cli('build-mfcc-cache', '--working_dir', working_dir, '--audio_dir', empty.parent)
-    assert_one_line_error(result, '--audio_dir', 'no .flac or .wav')
+    assert_one_line_error(result, '--audio_dir', 'no audio files (.flac, .wav, .ogg, .mp3)')
     assert not working_dir.exists()
 
 
