@@ -273,20 +273,33 @@ def test_a_failed_enrolment_enrols_nothing(server):
     assert api(server, 'GET', '/speakers')[1] == before
 
 
-def test_oversized_upload_is_413(server):
-    content = noise_wav(0.1) + bytes(int(MAX_UPLOAD_MB * 1e6))
-    status, body = api(server, 'POST', '/embed', files=[('audio', 'big.wav', content)])
-    assert status == 413 and 'MB' in body['error']
+def oversized_response(server, headers: dict[str, str], body: bytes = b'') -> tuple[int, dict]:
+    """Sends a POST /embed head (and `body`, at most one chunk past the limit) and reads the answer without sending
+    more: the server answers 413 and closes as soon as it knows, so a client still sending would meet a reset."""
     connection = http.client.HTTPConnection('127.0.0.1', server.port, timeout=REQUEST_TIMEOUT_S)
-    try:  # no Content-Length: the limit is counted while the chunked body streams in.
-        data, content_type = multipart({}, [('audio', 'big.wav', content)])
-        connection.request('POST', '/embed', body=iter([data[i:i + 65536] for i in range(0, len(data), 65536)]),
-                           headers={'Content-Type': content_type, 'Authorization': f'Bearer {TOKEN}'},
-                           encode_chunked=True)
+    try:
+        connection.putrequest('POST', '/embed')
+        for name, value in {'Authorization': f'Bearer {TOKEN}', **headers}.items():
+            connection.putheader(name, value)
+        connection.endheaders(body or None)
         response = connection.getresponse()
-        assert response.status == 413 and 'MB' in json.loads(response.read())['error']
+        return response.status, json.loads(response.read())
     finally:
         connection.close()
+
+
+def test_oversized_upload_is_413(server):
+    limit = int(MAX_UPLOAD_MB * 1e6)
+    declared = {'Content-Type': 'multipart/form-data; boundary=x', 'Content-Length': str(limit + 1)}
+    status, body = oversized_response(server, declared)  # refused from Content-Length, before any body byte.
+    assert status == 413 and 'MB' in body['error']
+    data, content_type = multipart({}, [('audio', 'big.wav', noise_wav(0.1) + bytes(limit))])
+    chunk = 65536
+    streamed = b''.join(b'%x\r\n' % len(part) + part + b'\r\n'
+                        for part in (data[i:i + chunk] for i in range(0, limit + chunk, chunk)))
+    status, body = oversized_response(server, {'Content-Type': content_type, 'Transfer-Encoding': 'chunked'},
+                                      streamed)  # no Content-Length: counted as the body streams in.
+    assert status == 413 and 'MB' in body['error']
 
 
 def test_too_long_clip_is_413(server):
