@@ -487,13 +487,13 @@ def enroll(files, profiles_file, speaker, checkpoint_file, model, width):
     from speaker import SpeakerProfiles, check_speaker_name
     with toolkit_errors():
         check_speaker_name(speaker)
-        if Path(profiles_file).exists():  # a bad store fails before the model loads.
-            SpeakerProfiles.read(profiles_file)
+        stored = SpeakerProfiles.read(profiles_file) if Path(profiles_file).exists() else None  # before the model.
     check_output_folder(profiles_file, '--profiles')
     found = listed_inputs(files)
     encoder = load_encoder(checkpoint_file, model, width)
     with toolkit_errors():
-        profiles = SpeakerProfiles.open(profiles_file, encoder.fingerprint)
+        profiles = stored or SpeakerProfiles(profiles_file, encoder.fingerprint)
+        profiles.check_model(encoder.fingerprint)
         entries, embedded = embedded_inputs(encoder, found)
         if not entries:
             fail(f'none of the {len(embedded.skipped)} files of --speaker {speaker} could be embedded (reasons '
@@ -522,14 +522,15 @@ def identify(inputs, profiles_file, checkpoint_file, model, width, top_k, thresh
     "unknown" (with the best score) when none does. Prints file, rank, speaker, score."""
     from speaker import SpeakerProfiles, write_table
     with toolkit_errors():  # a bad or empty store fails before the model loads.
-        if not SpeakerProfiles.read(profiles_file).names:
-            fail(f'--profiles {profiles_file}: no enrolled speakers; enrol some with enroll first.')
+        profiles = SpeakerProfiles.read(profiles_file)
+    if not profiles.names:
+        fail(f'--profiles {profiles_file}: no enrolled speakers; enrol some with enroll first.')
     if out:
         check_output_folder(out, '--out')
     found = listed_inputs(inputs)
     encoder = load_encoder(checkpoint_file, model, width)
     with toolkit_errors():
-        profiles = SpeakerProfiles.read(profiles_file, encoder.fingerprint)
+        profiles.check_model(encoder.fingerprint)
     chosen = resolved_threshold(encoder, threshold, operating_point, calibration_file)
     with toolkit_errors():
         entries, embedded = embedded_inputs(encoder, found)

@@ -420,11 +420,16 @@ class SpeakerProfiles:
         if sums.ndim != 2 or not len(stored['names']) == len(sums) == len(counts):
             raise SpeakerError(f'{path}: not a speaker profile store ({len(stored["names"])} names, sums of shape '
                                f'{sums.shape}, {len(counts)} counts); give another file or delete it.')
-        made_by = str(stored['fingerprint'])
-        if fingerprint is not None and made_by != fingerprint:
-            raise SpeakerError(f'{path}: profiles enrolled with another model ({made_by}), not with this checkpoint '
-                               f'({fingerprint}); use that checkpoint, or enrol into a new profile store.')
-        return cls(path, made_by, [str(n) for n in stored['names']], sums, counts)
+        profiles = cls(path, str(stored['fingerprint']), [str(n) for n in stored['names']], sums, counts)
+        if fingerprint is not None:
+            profiles.check_model(fingerprint)
+        return profiles
+
+    def check_model(self, fingerprint: str) -> None:
+        """SpeakerError when the profiles were enrolled with another model than the one with `fingerprint`."""
+        if self.fingerprint != fingerprint:
+            raise SpeakerError(f'{self.path}: profiles enrolled with another model ({self.fingerprint}), not with this '
+                               f'checkpoint ({fingerprint}); use that checkpoint, or enrol into a new profile store.')
 
     @classmethod
     def open(cls, path: str | Path, fingerprint: str) -> 'SpeakerProfiles':
