@@ -1,6 +1,7 @@
 """Checkpoints: loading by layer name from `.keras` (ours), `.weights.h5` (Keras 3) and Keras-2 `.h5` (the
 published ResCNN) files, the architecture a `.keras` file was trained as, the training state kept inside
-`<Model>_last.keras`, the AtomicCheckpoint callback that writes them, and resume.
+`<Model>_last.keras`, the AtomicCheckpoint callback that writes them (and the epoch checkpoints averaging uses),
+resume, and the average of several checkpoints' weights.
 
 Imports the models (conv_models, triplet_loss), workdir and constants; conv_models re-exports CheckpointError,
 load_checkpoint, checkpoint_architecture and build_model for the users of the original layout.
@@ -31,7 +32,16 @@ from constants import (
 )
 from conv_models import MODELS, SpeakerModel
 from triplet_loss import deep_speaker_loss
-from workdir import atomic_path, best_checkpoint, last_checkpoint, remove_orphan_temp_files, state_file
+from workdir import (
+    atomic_path,
+    averaged_checkpoint,
+    best_checkpoint,
+    epoch_checkpoint,
+    epoch_checkpoints,
+    last_checkpoint,
+    remove_orphan_temp_files,
+    state_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -333,11 +343,13 @@ class AtomicCheckpoint(keras.callbacks.Callback):
     callbacks: it saves what their end of epoch changed and restores their counters after they reset them.
     Writes go through a temporary file (`.<name>.<pid>-<random>.tmp.keras`, `.<name>_state.<pid>-<random>.tmp.json`)
     and a rename, so a killed write never leaves a checkpoint that loads wrong; the temporary files of killed runs
-    (their process is gone) are deleted at the start."""
+    (their process is gone) are deleted at the start. With `keep_epochs`, also saves `<name>_epoch<NNNN>.keras`
+    after each epoch and deletes all but the last `keep_epochs` of them (for average_checkpoints)."""
 
-    def __init__(self, directory: Path, name: str, monitor: str, mode: str, counted: tuple = ()):
+    def __init__(self, directory: Path, name: str, monitor: str, mode: str, counted: tuple = (), keep_epochs: int = 0):
         super().__init__()
         self.directory, self.name, self.monitor, self.mode, self.counted = directory, name, monitor, mode, counted
+        self.keep_epochs = keep_epochs
         self.state = read_state(directory, name)
         self.best, self.seconds = self.state.get('best'), self.state.get('seconds', 0.0)
         self.epoch_start = time.perf_counter()
@@ -373,9 +385,55 @@ class AtomicCheckpoint(keras.callbacks.Callback):
             self.best = value
             self.save(best_checkpoint(self.directory, self.name))
             logger.info('Epoch %d: %s = %.4f, new best checkpoint.', epoch + 1, self.monitor, value)
+        if self.keep_epochs:
+            self.save(epoch_checkpoint(self.directory, self.name, epoch + 1))
+            for old in epoch_checkpoints(self.directory, self.name)[:-self.keep_epochs]:
+                old.unlink(missing_ok=True)
         self.state = {'epoch': epoch + 1, 'best': self.best, 'monitor': self.monitor,
                       'seconds': round(self.seconds, 1), 'counters': self.counters()}
         self.save(last_checkpoint(self.directory, self.name), self.state)
         path = state_file(self.directory, self.name)
         with writable(path), atomic_path(path) as tmp:
             tmp.write_text(json.dumps(self.state))
+
+
+def average_checkpoints(paths: list[str | Path], out: Path) -> None:
+    """Writes to `out` (atomically, without optimizer) the model of the last of `paths` (.keras checkpoints of one
+    architecture) with the arithmetic mean of their weights, batch-norm statistics included; integer variables keep
+    the last checkpoint's values. Reads one checkpoint at a time. CheckpointError for a file that does not load or
+    whose weights differ in shape from the others'."""
+    first = read_keras_checkpoint(str(paths[0]))
+    sums = [np.asarray(w, dtype=np.float64) for w in first.get_weights()]
+    model = first
+    for path in paths[1:]:
+        model = read_keras_checkpoint(str(path))
+        weights = model.get_weights()
+        if [w.shape for w in weights] != [s.shape for s in sums]:
+            raise CheckpointError(f'{path}: weights of another architecture than {paths[0]}; average checkpoints of '
+                                  f'one training run.')
+        for total, weight in zip(sums, weights, strict=True):
+            total += weight
+    model.set_weights([(total / len(paths)).astype(w.dtype) if np.issubdtype(w.dtype, np.floating) else w
+                       for total, w in zip(sums, model.get_weights(), strict=True)])
+    with writable(out), atomic_path(out, out.stem) as tmp:
+        model.save(tmp)
+
+
+class AveragingError(CheckpointError):
+    """Fewer epoch checkpoints (`kept`) in `directory` than the `count` to average."""
+
+    def __init__(self, directory: Path, count: int, kept: int):
+        super().__init__(f'{directory}: {kept} epoch checkpoints kept, {count} asked to average.')
+        self.directory, self.count, self.kept = directory, count, kept
+
+
+def average_last_epochs(directory: Path, name: str, count: int) -> Path:
+    """Averages the last `count` epoch checkpoints of a phase into `<name>_averaged.keras`; returns its path.
+    AveragingError when fewer are kept."""
+    kept = epoch_checkpoints(directory, name)
+    if count > len(kept):
+        raise AveragingError(directory, count, len(kept))
+    out = averaged_checkpoint(directory, name)
+    average_checkpoints(kept[-count:], out)
+    logger.info('Averaged the weights of %s into %s.', ', '.join(p.name for p in kept[-count:]), out)
+    return out

@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from constants import (
+    ASNORM_TOP,
     BATCH_SIZE,
     CHECKPOINTS_TRIPLET_DIR,
     COUNTS_PER_SPEAKER,
@@ -27,11 +28,13 @@ from constants import (
     DEFAULT_TRIPLET_MINING,
     DEFAULT_WORKING_DIR,
     EXPORT_FORMATS,
+    MIN_TRAINING_SPEAKERS,
     MINING_HISTORY_SIZE,
     MINING_REFRESH_EVERY,
     NUM_FRAMES,
     OPERATING_POINTS,
     SAMPLE_RATE,
+    SCORE_NORMS,
     SERVICE_HOST,
     SERVICE_MAX_SECONDS,
     SERVICE_MAX_UPLOAD_MB,
@@ -204,25 +207,36 @@ def build_keras_inputs(working_dir, counts_per_speaker, seed):
 @click.option('--dropout', default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help='TDNN: dropout rate after each frame layer.')
 @click.option('--bn_before_relu', is_flag=True, help='TDNN: batch norm before each ReLU instead of after it.')
+@click.option('--val_speakers', default=0, show_default=True, type=click.IntRange(min=0),
+              help='Hold out this many training speakers (a fixed seeded choice) and score their utterances as '
+                   'verification trials every epoch (val_eer, val_min_dcf); the best checkpoint is then the one of '
+                   'lowest val_eer. Give both phases the same number.')
+@click.option('--average_last', default=0, show_default=True, type=click.IntRange(min=0),
+              help='Keep the last N epoch checkpoints (<Model>_epochNNNN.keras) and average their weights into '
+                   '<Model>_averaged.keras after training; 0: off.')
 @seed_option
 def train_model(working_dir, pre_training_phase, from_scratch, epochs, steps_per_epoch, batch_size, learning_rate,
                 triplet_mining, history_size, refresh_every, inference_batch, model, width, tdnn_layers, dropout,
-                bn_before_relu, seed):
+                bn_before_relu, val_speakers, average_last, seed):
     """Trains one phase; checkpoints go to WORKING_DIR/checkpoints-softmax or checkpoints-triplets. The triplet
     phase (the default) starts from the best softmax checkpoint, with its architecture. One run per phase and
     working dir at a time."""
     options = tdnn_options(tdnn_layers, dropout, bn_before_relu)
     if options and model != 'tdnn':
         fail(f'--tdnn_layers, --dropout and --bn_before_relu are options of --model tdnn, not --model {model}.')
+    if average_last > epochs:
+        fail(f'--average_last {average_last}: at most --epochs {epochs} epoch checkpoints are kept; give at most '
+             f'{epochs}.')
     from batcher import InputsError
-    from checkpoints import CheckpointError
+    from checkpoints import AveragingError, CheckpointError
     from train import NoPretrainingError, TrainConfig, train_softmax, train_triplet
+    from validation import ValidationError
     from workdir import LockedError
     config = TrainConfig(working_dir=working_dir, epochs=epochs, steps_per_epoch=steps_per_epoch, width=width,
                          batch_size=batch_size, seed=seed, model_name=model, learning_rate=learning_rate,
                          model_options=options, mining=triplet_mining, history_size=history_size,
                          refresh_every=refresh_every, inference_batch=inference_batch,
-                         from_scratch=from_scratch)
+                         from_scratch=from_scratch, val_speakers=val_speakers, average_last=average_last)
     try:
         best = (train_softmax if pre_training_phase else train_triplet)(config)
     except NoPretrainingError as e:
@@ -232,11 +246,24 @@ def train_model(working_dir, pre_training_phase, from_scratch, epochs, steps_per
     except LockedError as e:
         fail(f'--working_dir {working_dir}: process {e.pid} is training this phase ({e.path}); wait for it to end '
              f'or use another --working_dir.')
+    except ValidationError as e:
+        fail(validation_message(e, val_speakers))
+    except AveragingError as e:
+        fail(f'--average_last {average_last}: only {e.kept} epoch checkpoints are kept in {e.directory}; give at '
+             f'most {e.kept} (the training is saved: run train-model again to average).')
     except (CheckpointError, InputsError) as e:
         fail(str(e))
     except OSError as e:
         fail(os_error_message(e))
     logger.info('Best checkpoint: %s', best)
+
+
+def validation_message(e, val_speakers: int) -> str:
+    """The one line of a ValidationError, naming --val_speakers and its limit."""
+    if e.available is not None:
+        return (f'--val_speakers {val_speakers}: at most {e.limit} of the {e.available} training speakers can be held '
+                f'out ({MIN_TRAINING_SPEAKERS} must remain to train); give at most {e.limit}.')
+    return f'--val_speakers {val_speakers}: {e}'
 
 
 def tdnn_options(tdnn_layers: str | None, dropout: float, bn_before_relu: bool) -> dict:
@@ -302,17 +329,32 @@ def test_model(working_dir, checkpoint_file, model, width, seed):
 @click.option('--det_plot', default=None, type=click.Path(dir_okay=False), help='Draw the DET curve to this PNG.')
 @click.option('--calibration_file', default=None, type=click.Path(dir_okay=False),
               help='Record the score thresholds at the EER and at minDCF here, for verify and identify (one '
-                   'checkpoint, whole utterances) [default: CHECKPOINT_FILE.calibration.json].')
+                   'checkpoint, whole utterances) [default: CHECKPOINT_FILE.calibration.json; with --score_norm, '
+                   'only where given, as verify and identify score raw cosines].')
+@click.option('--score_norm', default='none', show_default=True, type=click.Choice(SCORE_NORMS),
+              help='Score back-end: raw cosine; mean: cosine of embeddings centred on the mean of the --cohort_dir '
+                   'speakers\' embeddings; asnorm: adaptive symmetric normalisation against the --asnorm_top highest '
+                   'cohort scores of each side. With several checkpoints, each model\'s scores are normalised before '
+                   'the fusion.')
+@click.option('--cohort_dir', default=None, type=click.Path(exists=True, file_okay=False),
+              help='Working dir of training speakers (its audio-fbanks cache, e.g. train-clean-100\'s) whose '
+                   'embeddings, one per speaker, make the cohort of --score_norm mean and asnorm.')
+@click.option('--asnorm_top', default=ASNORM_TOP, show_default=True, type=click.IntRange(min=1),
+              help='AS-norm: cohort scores per side averaged; at most the number of cohort speakers.')
 def eval_trials(trials_file, audio_root, strict, checkpoint_files, model, width, fusion, fusion_weights, crop,
-                scores_file, det_plot, calibration_file):
+                scores_file, det_plot, calibration_file, score_norm, cohort_dir, asnorm_top):
     """EER and minDCF of one checkpoint, or of a fusion of several, on a trial list; each utterance is embedded
     once per model, deterministically. For one checkpoint without --crop, also records the thresholds at the EER
     and at minDCF beside it (--calibration_file), which verify and identify use when given no --threshold."""
     from checkpoints import CheckpointError
     from features import AudioError
+    from score_norm import CohortError
     from speaker import Calibration, calibration_file_of
     from test import TrialError, evaluate_trials
-    calibrates = len(checkpoint_files) == 1 and not crop
+    if (score_norm == 'none') != (cohort_dir is None):
+        fail('--score_norm mean and asnorm need a --cohort_dir (a working dir of training speakers), and '
+             '--cohort_dir needs one of them.')
+    calibrates = len(checkpoint_files) == 1 and not crop and (score_norm == 'none' or calibration_file is not None)
     if calibration_file and not calibrates:
         fail('--calibration_file: thresholds are recorded for one --checkpoint_file without --crop (the '
              'embeddings verify and identify use); drop --calibration_file or the fusion/--crop.')
@@ -324,20 +366,29 @@ def eval_trials(trials_file, audio_root, strict, checkpoint_files, model, width,
                              lambda values: len(values) == count and min(values) >= 0 and sum(values) > 0)
     try:
         result = evaluate_trials(trials_file, audio_root, list(checkpoint_files), model, width, fusion, weights, crop,
-                                 scores_file, det_plot, strict)
+                                 scores_file, det_plot, strict, score_norm, cohort_dir, asnorm_top)
+    except CohortError as e:
+        fail(f'--asnorm_top {asnorm_top}: --cohort_dir {cohort_dir} caches {e.size} speakers; give at most {e.size}.'
+             if e.top else f'--cohort_dir {e}')
     except (TrialError, CheckpointError, AudioError) as e:
         fail(str(e))
     click.echo(f'EER = {100 * result.equal_error_rate:.2f} %, minDCF(p_target={DCF_P_TARGET}) = {result.min_dcf:.4f}')
     if calibrates:
         path = Path(calibration_file) if calibration_file else calibration_file_of(checkpoint_files[0])
         calibration = Calibration(result.fingerprints[0], Path(trials_file).name, result.equal_error_rate,
-                                  result.min_dcf, result.eer_threshold, result.min_dcf_threshold)
+                                  result.min_dcf, result.eer_threshold, result.min_dcf_threshold,
+                                  score_norm=score_norm, cohort=cohort_dir and os.path.abspath(cohort_dir),
+                                  asnorm_top=asnorm_top if score_norm == 'asnorm' else None)
         try:
             calibration.save(path)
         except OSError as e:
             fail(f'--calibration_file {path}: cannot write it ({e.strerror or e}); give a writable path.')
+        kind = '' if score_norm == 'none' else f' (of {score_norm}-normalised scores, which verify does not compute)'
         click.echo(f'Thresholds: {result.eer_threshold:.4f} at the EER, {result.min_dcf_threshold:.4f} at minDCF; '
-                   f'recorded in {path}')
+                   f'recorded in {path}{kind}')
+    elif score_norm != 'none' and len(checkpoint_files) == 1 and not crop:
+        logger.info('No thresholds recorded: verify and identify score raw cosines, not %s-normalised ones '
+                    '(--calibration_file records them anyway).', score_norm)
 
 
 checkpoint_option = click.option(

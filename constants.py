@@ -60,6 +60,14 @@ DEFAULT_EPOCHS = 1000  # total epochs of a phase: early stopping ends it first.
 TRIPLET_STEPS_PER_EPOCH = 100  # batches per triplet epoch (a softmax epoch is one pass over kx_train).
 TRIPLET_PREFETCH_BATCHES = 2  # triplet batches built ahead of the training step.
 
+# Speaker-level validation (validation.py, train-model --val_speakers) and checkpoint averaging (--average_last).
+VALIDATION_SEED = 20170701  # fixed: the held-out speakers depend only on their number (N=10 is within N=20).
+VALIDATION_TARGETS_PER_SPEAKER = 4  # utterances (or segments of a lone utterance) embedded per held-out speaker.
+VALIDATION_SEGMENT_FRAMES = 300  # a lone utterance is cut into non-overlapping segments of at least 3 s.
+VALIDATION_SPEAKERS_FILE = 'validation-speakers.json'  # in a phase's checkpoint dir: the speakers held out.
+EMBEDDING_LAYER = 'affine'  # the layer whose (L2-normalised) output is the embedding, softmax head or not.
+EPOCH_CHECKPOINT_DIGITS = 4  # <Model>_epoch0007.keras: the epoch checkpoints --average_last keeps.
+
 # Inference (embedding.embed_crops): crops per forward pass. Evaluation and trial lists use this; the mining
 # history refresh uses the training batch (train-model --inference_batch lowers it).
 INFERENCE_BATCH_SIZE = 64
@@ -73,6 +81,11 @@ WINDOW_HOP = 80  # frames between two windows of a whole-utterance embedding (50
 EMBEDDING_FILES_PER_CHUNK = 32  # utterances whose windows go through one predict call.
 FEATURE_THREADS = 2  # threads reading and featurising the next chunk of files while the model runs.
 DCF_P_TARGET = 0.01
+
+# Score normalisation (score_norm.py, eval-trials --score_norm).
+SCORE_NORMS = ('none', 'mean', 'asnorm')
+ASNORM_TOP = 100  # top cohort scores per side; about 40 % of a 251-speaker cohort (train-clean-100).
+COHORT_UTTERANCES_PER_SPEAKER = 4  # cached utterances averaged into one cohort embedding per speaker.
 
 # TensorFlow's start-up notices (tf_startup.py keeps them out of a normal run).
 TENSORFLOW_STARTUP_NOTICES = ('WARNING: All log messages before absl::InitializeLog() is called are written to STDERR',

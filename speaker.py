@@ -262,7 +262,9 @@ def write_table(path: str | Path, header: Sequence[str], rows: Sequence[Sequence
 
 class Calibration(NamedTuple):
     """Score thresholds measured by eval-trials on a trial list (accept score >= threshold), for the model with
-    `fingerprint`: at the EER and at minDCF(p_target); the list's name, EER (fraction) and minDCF."""
+    `fingerprint`: at the EER and at minDCF(p_target); the list's name, EER (fraction) and minDCF; and the score
+    normalisation the thresholds assume ('none': raw cosines, the only scores verify and identify compute; 'mean'
+    or 'asnorm' with the cohort's working dir and AS-norm's top N). Files without it are of raw cosines."""
     fingerprint: str
     trials: str
     equal_error_rate: float
@@ -270,6 +272,9 @@ class Calibration(NamedTuple):
     eer_threshold: float
     min_dcf_threshold: float
     p_target: float = DCF_P_TARGET
+    score_norm: str = 'none'
+    cohort: str | None = None
+    asnorm_top: int | None = None
 
     def threshold(self, operating_point: str) -> float:
         """The threshold at 'eer' or 'min_dcf'."""
@@ -364,6 +369,10 @@ class SpeakerEncoder:
         if not path.is_file():
             raise CalibrationMissing(path)
         measured = Calibration.read(path)
+        if measured.score_norm != 'none':
+            raise SpeakerError(f'{path}: thresholds of {measured.score_norm}-normalised scores, but verification '
+                               f'scores raw cosines; run eval-trials without --score_norm to calibrate, or give a '
+                               f'threshold.')
         if measured.fingerprint != self.fingerprint:
             raise SpeakerError(f'{path}: thresholds of another model ({measured.fingerprint}), not of this checkpoint '
                                f'({self.fingerprint}); run eval-trials with this checkpoint, or give a threshold.')

@@ -1,9 +1,9 @@
 """Evaluation: the original Deep Speaker protocol (for each cached speaker an anchor, one positive and up to 99
 negatives, on the held-out part of its audio) and VoxCeleb-style trial lists on unseen speakers (evaluate_trials:
-embeddings of one or several checkpoints, fusion, scores CSV, DET plot, EER and minDCF), with deterministic
-whole-utterance embeddings from embedding.py.
+embeddings of one or several checkpoints, score normalisation, fusion, scores CSV, DET plot, EER and minDCF), with
+deterministic whole-utterance embeddings from embedding.py.
 
-Imports embedding, audio (the cache index), batcher, conv_models, eval_metrics and constants."""
+Imports embedding, audio (the cache index), batcher, conv_models, eval_metrics, score_norm and constants."""
 
 import logging
 import os
@@ -14,12 +14,20 @@ import numpy as np
 
 from audio import Audio, checked_features
 from batcher import Source, load_source, sample_from_mfcc, train_test_sources
-from constants import AUGMENTED_MARK, DCF_P_TARGET, NUM_FRAMES, NUM_NEGATIVE_SPEAKERS, SKIPPED_TRIALS_SUFFIX
+from constants import (
+    ASNORM_TOP,
+    AUGMENTED_MARK,
+    DCF_P_TARGET,
+    NUM_FRAMES,
+    NUM_NEGATIVE_SPEAKERS,
+    SKIPPED_TRIALS_SUFFIX,
+)
 from conv_models import SpeakerModel
 from embedding import Embedder, embed_crops
 from embedding import embed_utterances as embed_utterances
 from embedding import utterance_windows as utterance_windows
 from eval_metrics import Metrics, eer_threshold, equal_error_rate, evaluate, min_dcf, min_dcf_threshold, plot_det
+from score_norm import asnorm, centred, cohort_embeddings, cohort_utterances, top_cohort_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +171,32 @@ def concatenated_embeddings(embeddings: list[np.ndarray], weights: list[float]) 
     return fused / np.linalg.norm(fused, axis=1, keepdims=True)
 
 
+def system_scores(embeddings: np.ndarray, cohort: np.ndarray | None, trials: Trials, score_norm: str = 'none',
+                  top: int = ASNORM_TOP) -> np.ndarray:
+    """One system's trial scores (trials,) from its embeddings (files, dims): cosine ('none'), cosine of the
+    embeddings centred on the mean of the cohort embeddings (speakers, dims) ('mean'), or AS-norm of the cosine
+    against the `top` highest cohort scores of each side ('asnorm')."""
+    if score_norm == 'mean':
+        return score_trials(centred(embeddings, cohort.mean(axis=0)), trials)
+    scores = score_trials(embeddings, trials)
+    if score_norm != 'asnorm':
+        return scores
+    means, stds = top_cohort_statistics(embeddings, cohort, top)
+    return asnorm(scores, (means[trials.enrol], stds[trials.enrol]), (means[trials.test], stds[trials.test]))
+
+
+def trial_scores(embeddings: list[np.ndarray], cohorts: list[np.ndarray | None], trials: Trials, fusion: str,
+                 weights: list[float], score_norm: str = 'none', top: int = ASNORM_TOP) -> np.ndarray:
+    """The scores of one system or of a fusion: each system's scores normalised (system_scores), then their weighted
+    mean ('score'); or the concatenated embeddings ('concat') scored as one system, against the cohort concatenated
+    the same way."""
+    if fusion == 'concat':
+        cohort = concatenated_embeddings(cohorts, weights) if score_norm != 'none' else None
+        return system_scores(concatenated_embeddings(embeddings, weights), cohort, trials, score_norm, top)
+    return fused_scores([system_scores(e, c, trials, score_norm, top) for e, c in zip(embeddings, cohorts,
+                                                                                      strict=True)], weights)
+
+
 class TrialsResult(NamedTuple):
     """What evaluate_trials measured: EER (fraction), minDCF at DCF_P_TARGET, where the scores went, the score
     thresholds at the EER and at minDCF (accept score >= threshold) and the fingerprint of each model."""
@@ -208,22 +242,29 @@ def check_writable_folder(output: str | None) -> None:
 def evaluate_trials(trials_file: str, audio_root: str, checkpoint_files: list[str], model: str = 'rescnn',
                     width: float | None = None, fusion: str = 'score', weights: list[float] | None = None,
                     crop: bool = False, scores_file: str | None = None, det_plot: str | None = None,
-                    strict: bool = False) -> TrialsResult:
+                    strict: bool = False, score_norm: str = 'none', cohort_dir: str | None = None,
+                    asnorm_top: int = ASNORM_TOP) -> TrialsResult:
     """EER and minDCF of one checkpoint, or of a fusion ('score': weighted mean of cosine scores, 'concat': cosine
-    of the concatenated embeddings) of several, on a trial list; each utterance is embedded once per model.
+    of the concatenated embeddings) of several, on a trial list; each utterance is embedded once per model. With
+    `score_norm` 'mean' or 'asnorm' (top `asnorm_top`), each model's scores are normalised against the speakers
+    cached in `cohort_dir`, each embedded by that model, before the fusion (score_norm.py).
     Writes the scores CSV (default: TRIALS_STEM.scores.csv in the current directory) and, if asked, the DET plot.
     A file that cannot be decoded is skipped with its trials, logged and listed in TRIALS_STEM.skipped.txt beside
-    the scores, and the rest scored; with `strict`, its AudioError is raised instead. TrialError, CheckpointError
-    or AudioError before anything is written."""
+    the scores, and the rest scored; with `strict`, its AudioError is raised instead. TrialError, CheckpointError,
+    CohortError or AudioError before anything is written."""
     weights = weights or [1.0] * len(checkpoint_files)
     trials = read_trials(trials_file, audio_root)
     check_both_classes(trials_file, trials.labels)
     scores_file = scores_file or f'{Path(trials_file).stem}.scores.csv'
     for output in (scores_file, det_plot):
         check_writable_folder(output)
+    cohort = None
+    if score_norm != 'none':
+        cohort = cohort_utterances(cohort_dir, asnorm_top if score_norm == 'asnorm' else None)
     reasons: dict[int, str] | None = None if strict else {}
     embedders = [Embedder.from_checkpoint(path, model, width, crop) for path in checkpoint_files]
     embeddings = [embedder.embed_files(trials.files, reasons) for embedder in embedders]
+    cohorts = [cohort_embeddings(embedder, cohort) if cohort else None for embedder in embedders]
     skipped_list = Path(scores_file).with_name(Path(trials_file).stem + SKIPPED_TRIALS_SUFFIX)
     skipped_list.unlink(missing_ok=True)
     num_trials = len(trials.labels)
@@ -237,10 +278,7 @@ def evaluate_trials(trials_file: str, audio_root: str, checkpoint_files: list[st
         logger.warning('Skipped %d files that could not be decoded and their %d trials (listed in %s); scoring the '
                        'other %d trials.', len(reasons), num_trials - len(trials.labels), skipped_list,
                        len(trials.labels))
-    if fusion == 'concat':
-        scores = score_trials(concatenated_embeddings(embeddings, weights), trials)
-    else:
-        scores = fused_scores([score_trials(e, trials) for e in embeddings], weights)
+    scores = trial_scores(embeddings, cohorts, trials, fusion, weights, score_norm, asnorm_top)
     write_scores(scores_file, trials, scores, audio_root)
     if det_plot:
         plot_det(scores, trials.labels, det_plot, title=' + '.join(Path(p).name for p in checkpoint_files))

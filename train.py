@@ -1,21 +1,24 @@
 """The two training phases: softmax pre-training and triplet training (TrainConfig carries their settings),
 streamed with tf.data from the memory-mapped model inputs, checkpointed atomically and resumed from the last
-finished epoch; the mining history is re-embedded with embedding.embed_crops.
+finished epoch; the mining history is re-embedded with embedding.embed_crops. With `val_speakers`, some training
+speakers are held out and scored as verification trials every epoch (validation.py), which then chooses the best
+checkpoint; with `average_last`, the last epoch checkpoints are averaged after training.
 
-Imports checkpoints, embedding, batcher, conv_models, triplet_loss, workdir and constants."""
+Imports checkpoints, embedding, batcher, conv_models, triplet_loss, validation, workdir and constants."""
 
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from batcher import HardNegativeMiner, KerasFormatConverter, TripletBatcher, random_triplets
-from checkpoints import AtomicCheckpoint, CheckpointError, build_model, resumed_or_new
+from checkpoints import AtomicCheckpoint, CheckpointError, average_last_epochs, build_model, read_state, resumed_or_new
 from constants import (
     BATCH_SIZE,
     DEFAULT_EPOCHS,
@@ -41,6 +44,15 @@ from constants import (
 from conv_models import MODELS
 from embedding import embed_crops
 from triplet_loss import deep_speaker_loss
+from validation import (
+    SpeakerValidation,
+    check_pretrained_held_out,
+    check_resumed_held_out,
+    held_out_speakers,
+    record_held_out,
+    training_subset,
+    validation_targets,
+)
 from workdir import WorkingDir, best_checkpoint, last_checkpoint, training_lock
 
 logger = logging.getLogger(__name__)
@@ -101,13 +113,17 @@ def triplet_dataset(batcher: TripletBatcher, batch_size: int) -> tf.data.Dataset
     return tf.data.Dataset.from_generator(batches, output_signature=signature).prefetch(TRIPLET_PREFETCH_BATCHES)
 
 
-def phase_callbacks(directory: Path, working_dir: Path, name: str, phase: str, monitor: str, mode: str) -> list:
-    """Learning-rate schedule, early stopping, atomic checkpoints, the CSV history and TensorBoard logs."""
+def phase_callbacks(directory: Path, working_dir: Path, name: str, phase: str, monitor: str, mode: str,
+                    first: list = (), keep_epochs: int = 0) -> list:
+    """The `first` callbacks (those that add to the logs the others read, e.g. SpeakerValidation), learning-rate
+    schedule, early stopping, atomic checkpoints (keeping `keep_epochs` epoch checkpoints), the CSV history and
+    TensorBoard logs."""
     schedules = (keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=REDUCE_LR_FACTOR,
                                                    patience=REDUCE_LR_PATIENCE, min_lr=MIN_LEARNING_RATE),
                  keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, min_delta=EARLY_STOPPING_MIN_DELTA,
                                                patience=EARLY_STOPPING_PATIENCE))
-    return [*schedules, AtomicCheckpoint(directory, name, monitor, mode, counted=schedules),
+    checkpoint = AtomicCheckpoint(directory, name, monitor, mode, counted=schedules, keep_epochs=keep_epochs)
+    return [*first, *schedules, checkpoint,
             keras.callbacks.CSVLogger(str(directory / 'history.csv'), append=True),
             keras.callbacks.TensorBoard(log_dir=str(WorkingDir.of(working_dir).logs_dir(phase)))]
 
@@ -139,6 +155,8 @@ class TrainConfig:
     refresh_every: int = MINING_REFRESH_EVERY
     inference_batch: int | None = None  # crops per forward pass of a history refresh; None: batch_size.
     from_scratch: bool = False  # triplet phase: start from random weights when there is no softmax checkpoint.
+    val_speakers: int = 0  # training speakers held out and scored as trials every epoch (best checkpoint by val_eer).
+    average_last: int = 0  # epoch checkpoints kept and averaged into <Model>_averaged.keras after training.
 
 
 class NoPretrainingError(CheckpointError):
@@ -159,14 +177,56 @@ def phase_inputs(config: TrainConfig, phase: str) -> tuple[WorkingDir, KerasForm
     return working_dir, converter, directory
 
 
+class PhaseInputs(NamedTuple):
+    """The crops and labels a phase trains and validates on, without the held-out speakers (labels renumbered),
+    their number of classes, the held-out speakers and the validation callbacks scoring them."""
+    kx_train: np.ndarray
+    ky_train: np.ndarray
+    kx_test: np.ndarray
+    ky_test: np.ndarray
+    num_speakers: int
+    held_out: list[str]
+    validation: list
+
+
+def held_out_inputs(config: TrainConfig, working_dir: WorkingDir, converter: KerasFormatConverter,
+                    directory: Path, name: str) -> PhaseInputs:
+    """The model inputs without the `config.val_speakers` held-out speakers, and the SpeakerValidation callback
+    over them. ValidationError (before any training) for too many, or for other speakers than a resumed phase
+    held out."""
+    speakers = working_dir.input_speakers()
+    held_out = held_out_speakers(speakers, config.val_speakers) if config.val_speakers else []
+    check_resumed_held_out(directory, held_out, read_state(directory, name).get('epoch', 0) > 0)
+    kx_train, ky_train, num_speakers = training_subset(*converter.load('train'), speakers, held_out)
+    kx_test, ky_test, _ = training_subset(*converter.load('test'), speakers, held_out)
+    validation = []
+    if held_out:
+        windows, targets = validation_targets(working_dir, held_out)
+        validation.append(SpeakerValidation(windows, targets, config.inference_batch or config.batch_size))
+    return PhaseInputs(kx_train, ky_train, kx_test, ky_test, num_speakers, held_out, validation)
+
+
+def monitored(inputs: PhaseInputs, monitor: str, mode: str) -> tuple[str, str]:
+    """What chooses the best checkpoint (and drives the schedules): val_eer with held-out speakers, else
+    (monitor, mode)."""
+    return ('val_eer', 'min') if inputs.held_out else (monitor, mode)
+
+
+def finish_phase(config: TrainConfig, directory: Path, name: str) -> Path:
+    """Averages the last epoch checkpoints when asked; returns the best checkpoint's path."""
+    if config.average_last:
+        average_last_epochs(directory, name, config.average_last)
+    return best_checkpoint(directory, name)
+
+
 def train_softmax(config: TrainConfig) -> Path:
     """Softmax pre-training (Adam) of the model `config.model_name` on kx_train, validated on kx_test; returns the
     best checkpoint's path. A resumed run keeps the architecture and learning rate of its checkpoint."""
     working_dir, converter, directory = phase_inputs(config, 'softmax')
+    name = MODELS[config.model_name].name
     with training_lock(directory):
-        kx_train, ky_train = converter.load('train')
-        kx_test, ky_test = converter.load('test')
-        num_speakers = converter.num_speakers
+        inputs = held_out_inputs(config, working_dir, converter, directory, name)
+        num_speakers = inputs.num_speakers
 
         def new_model():
             dsm = MODELS[config.model_name](include_softmax=True, num_speakers_softmax=num_speakers, width=config.width,
@@ -175,19 +235,21 @@ def train_softmax(config: TrainConfig) -> Path:
                           loss='sparse_categorical_crossentropy', metrics=['accuracy'])
             return dsm.m
 
-        name = MODELS[config.model_name].name
         model, initial_epoch = resumed_or_new(directory, name, new_model)
         if model.output_shape[-1] != num_speakers:
             raise CheckpointError(f'{last_checkpoint(directory, name)}: trained on {model.output_shape[-1]} speakers, '
                                   f'but the model inputs have {num_speakers}; delete {directory} or use another '
                                   f'--working_dir.')
-        logger.info('Softmax phase: %d speakers, %d training crops, %s parameters.', num_speakers,
-                    len(kx_train), f'{model.count_params():,}')
-        steps = config.steps_per_epoch or math.ceil(len(kx_train) / config.batch_size)
-        fit(model, initial_epoch, config.epochs, softmax_dataset(kx_train, ky_train, config.batch_size, config.seed),
-            softmax_dataset(kx_test, ky_test, config.batch_size, None), steps,
-            phase_callbacks(directory, working_dir.root, name, 'softmax', 'val_accuracy', 'max'))
-        return best_checkpoint(directory, name)
+        record_held_out(directory, inputs.held_out)
+        logger.info('Softmax phase: %d speakers (%d held out), %d training crops, %s parameters.', num_speakers,
+                    len(inputs.held_out), len(inputs.kx_train), f'{model.count_params():,}')
+        steps = config.steps_per_epoch or math.ceil(len(inputs.kx_train) / config.batch_size)
+        fit(model, initial_epoch, config.epochs,
+            softmax_dataset(inputs.kx_train, inputs.ky_train, config.batch_size, config.seed),
+            softmax_dataset(inputs.kx_test, inputs.ky_test, config.batch_size, None), steps,
+            phase_callbacks(directory, working_dir.root, name, 'softmax', *monitored(inputs, 'val_accuracy', 'max'),
+                            inputs.validation, config.average_last))
+        return finish_phase(config, directory, name)
 
 
 def train_triplet(config: TrainConfig) -> Path:
@@ -200,15 +262,16 @@ def train_triplet(config: TrainConfig) -> Path:
     at a time (default `config.batch_size`: a refresh then needs less memory than a training step, at any width).
     """
     working_dir, converter, directory = phase_inputs(config, 'triplet')
+    name = MODELS[config.model_name].name
     with training_lock(directory):
-        kx_train, ky_train = converter.load('train')
-        kx_test, ky_test = converter.load('test')
-        name = MODELS[config.model_name].name
+        inputs = held_out_inputs(config, working_dir, converter, directory, name)
+        kx_train, ky_train = inputs.kx_train, inputs.ky_train
         seed, batch_size = config.seed, config.batch_size
 
         def new_model():
             pre_trained = working_dir.best_checkpoint('softmax', name)
             if pre_trained.exists():
+                check_pretrained_held_out(pre_trained.parent, inputs.held_out)
                 dsm = build_model(str(pre_trained), config.model_name)
                 logger.info('Initialising from the softmax checkpoint %s, with its architecture.', pre_trained)
             elif config.from_scratch:
@@ -223,7 +286,9 @@ def train_triplet(config: TrainConfig) -> Path:
             return dsm.m
 
         model, initial_epoch = resumed_or_new(directory, name, new_model)
-        callbacks = phase_callbacks(directory, working_dir.root, name, 'triplet', 'val_loss', 'min')
+        record_held_out(directory, inputs.held_out)
+        callbacks = phase_callbacks(directory, working_dir.root, name, 'triplet', *monitored(inputs, 'val_loss', 'min'),
+                                    inputs.validation, config.average_last)
         selector = random_triplets
         if config.mining != 'random':
             selector = HardNegativeMiner(ky_train, config.mining, min(config.history_size, len(ky_train)),
@@ -231,12 +296,12 @@ def train_triplet(config: TrainConfig) -> Path:
             callbacks.append(MiningRefresh(selector, kx_train, config.refresh_every,
                                            config.inference_batch or batch_size))
         train_batcher = TripletBatcher(kx_train, ky_train, seed=seed + initial_epoch, selector=selector)
-        test_batcher = TripletBatcher(kx_test, ky_test, seed=seed)
+        test_batcher = TripletBatcher(inputs.kx_test, inputs.ky_test, seed=seed)
         validation = [test_batcher.get_batch(batch_size) for _ in range(TRIPLET_VALIDATION_BATCHES)]
         validation = (np.concatenate([x for x, _ in validation]), np.concatenate([y for _, y in validation]))
         validation = tf.data.Dataset.from_tensor_slices(validation).batch(3 * (batch_size // 3))
-        logger.info('Triplet phase: %d speakers, %s parameters, %s triplets.', converter.num_speakers,
-                    f'{model.count_params():,}', config.mining)
+        logger.info('Triplet phase: %d speakers (%d held out), %s parameters, %s triplets.', inputs.num_speakers,
+                    len(inputs.held_out), f'{model.count_params():,}', config.mining)
         fit(model, initial_epoch, config.epochs, triplet_dataset(train_batcher, batch_size), validation,
             config.steps_per_epoch or TRIPLET_STEPS_PER_EPOCH, callbacks)
-        return best_checkpoint(directory, name)
+        return finish_phase(config, directory, name)

@@ -1,6 +1,6 @@
 """The working directory: every path of one (feature cache, skipped-files report, model inputs, checkpoints, logs),
-the checkpoint names `<Model>_best/_last/_state`, what was built in it (NotBuiltError when a step is missing), and
-the one atomic-write helper used by the cache, the model inputs and the checkpoints.
+the checkpoint names `<Model>_best/_last/_state/_epoch<NNNN>/_averaged`, what was built in it (NotBuiltError when a
+step is missing), and the one atomic-write helper used by the cache, the model inputs and the checkpoints.
 
 Imports only constants (and the standard library), so the data modules and the training modules can share it.
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from constants import (
     CACHE_SUBDIR,
+    EPOCH_CHECKPOINT_DIGITS,
     INPUTS_META,
     KERAS_INPUTS_SUBDIR,
     LOGS_SUBDIR,
@@ -45,6 +46,22 @@ def best_checkpoint(directory: Path, name: str = 'ResCNN') -> Path:
 def last_checkpoint(directory: Path, name: str) -> Path:
     """`<name>_last.keras`: the last finished epoch's model and optimizer, with the training state inside."""
     return directory / f'{name}_last.keras'
+
+
+def epoch_checkpoint(directory: Path, name: str, epoch: int) -> Path:
+    """`<name>_epoch<NNNN>.keras`: the model after epoch `epoch` (1-based), kept for --average_last."""
+    return directory / f'{name}_epoch{epoch:0{EPOCH_CHECKPOINT_DIGITS}d}.keras'
+
+
+def epoch_checkpoints(directory: Path, name: str) -> list[Path]:
+    """The epoch checkpoints in a phase's checkpoint dir, oldest first."""
+    digits = '[0-9]' * EPOCH_CHECKPOINT_DIGITS
+    return sorted(directory.glob(f'{name}_epoch{digits}.keras'))
+
+
+def averaged_checkpoint(directory: Path, name: str) -> Path:
+    """`<name>_averaged.keras`: the mean of the weights of the last epoch checkpoints (--average_last)."""
+    return directory / f'{name}_averaged.keras'
 
 
 def state_file(directory: Path, name: str) -> Path:
