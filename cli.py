@@ -250,7 +250,7 @@ def train_model(working_dir, pre_training_phase, from_scratch, epochs, steps_per
         fail(validation_message(e, val_speakers))
     except AveragingError as e:
         fail(f'--average_last {average_last}: only {e.kept} epoch checkpoints are kept in {e.directory}; give at '
-             f'most {e.kept} (the training is saved: run train-model again to average).')
+             f'most {e.kept} (the training is saved: run train-model again with it to average).')
     except (CheckpointError, InputsError) as e:
         fail(str(e))
     except OSError as e:

@@ -180,12 +180,12 @@ class SpeakerValidation(keras.callbacks.Callback):
 
     def __init__(self, windows: list[np.ndarray], speakers: np.ndarray, batch_size: int = INFERENCE_BATCH_SIZE):
         super().__init__()
-        self.crops, self.counts = np.concatenate(windows), np.array([len(w) for w in windows])
         self.first, self.second = np.triu_indices(len(windows), k=1)
         self.labels = (speakers[self.first] == speakers[self.second]).astype(np.int64)
         if self.labels.all() or not self.labels.any():
             raise ValidationError(f'{len(windows)} validation targets give no target or no non-target trial; hold '
-                                  f'out more speakers.', len(set(speakers.tolist())))
+                                  f'out more speakers, with cached features.', len(set(speakers.tolist())))
+        self.crops, self.counts = np.concatenate(windows), np.array([len(w) for w in windows])
         self.batch_size, self.encoder = batch_size, None
         logger.info('Speaker validation: %d targets of %d held-out speakers, %d target and %d non-target trials.',
                     len(windows), len(set(speakers.tolist())), self.labels.sum(), (1 - self.labels).sum())
