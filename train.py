@@ -1,14 +1,18 @@
 """The two training phases: softmax pre-training and triplet training (TrainConfig carries their settings),
-streamed with tf.data from the memory-mapped model inputs, checkpointed atomically and resumed from the last
-finished epoch; the mining history is re-embedded with embedding.embed_crops.
+streamed with tf.data from the memory-mapped model inputs (or, with the windows sampler, fresh windows of the
+packed store), checkpointed atomically and resumed from the last finished epoch; the mining history is
+re-embedded with embedding.embed_crops.
 
-Imports checkpoints, embedding, batcher, conv_models, triplet_loss, workdir and constants."""
+Imports checkpoints, embedding, sampler, store, batcher, conv_models, triplet_loss, workdir and constants."""
 
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -40,6 +44,16 @@ from constants import (
 )
 from conv_models import MODELS
 from embedding import embed_crops
+from sampler import (
+    WindowCrops,
+    WindowMiner,
+    WindowSampler,
+    WindowTripletBatcher,
+    fixed_windows_dataset,
+    training_split,
+    validation_windows,
+)
+from store import open_for_training
 from triplet_loss import deep_speaker_loss
 from workdir import WorkingDir, best_checkpoint, last_checkpoint, training_lock
 
@@ -139,6 +153,8 @@ class TrainConfig:
     refresh_every: int = MINING_REFRESH_EVERY
     inference_batch: int | None = None  # crops per forward pass of a history refresh; None: batch_size.
     from_scratch: bool = False  # triplet phase: start from random weights when there is no softmax checkpoint.
+    sampler: str = 'fixed'  # 'fixed': build-keras-inputs crops; 'windows': fresh windows of the packed store.
+    speaker_sampling: str = 'balanced'  # windows: speakers equally often, or 'proportional' to their utterances.
 
 
 class NoPretrainingError(CheckpointError):
@@ -149,14 +165,47 @@ class NoPretrainingError(CheckpointError):
         self.path = path
 
 
-def phase_inputs(config: TrainConfig, phase: str) -> tuple[WorkingDir, KerasFormatConverter, Path]:
-    """Seeds every generator, and returns the working dir, its model inputs and the phase's checkpoint dir."""
+def phase_inputs(config: TrainConfig, phase: str) -> tuple[WorkingDir, KerasFormatConverter | None, Path]:
+    """Seeds every generator, and returns the working dir, its model inputs (None with the windows sampler) and
+    the phase's checkpoint dir."""
     keras.utils.set_random_seed(config.seed)
     working_dir = WorkingDir.of(config.working_dir)
     directory = working_dir.checkpoints_dir(phase)
-    converter = KerasFormatConverter(working_dir)
+    converter = KerasFormatConverter(working_dir) if config.sampler == 'fixed' else None
     directory.mkdir(parents=True, exist_ok=True)
     return working_dir, converter, directory
+
+
+class SoftmaxData(NamedTuple):
+    """What the softmax phase trains on: `train(first_batch)` the endless (crops, labels) batches from batch number
+    `first_batch` on, `validation` one pass of fixed batches, `steps` the default steps per epoch."""
+    num_speakers: int
+    description: str
+    steps: int
+    train: Callable[[int], tf.data.Dataset]
+    validation: tf.data.Dataset
+
+
+def softmax_data(config: TrainConfig, working_dir: WorkingDir, converter: KerasFormatConverter | None) -> SoftmaxData:
+    """The fixed crops of the model inputs (one pass over kx_train per epoch), or fresh windows of the packed
+    store's training utterances (as many batches per epoch as one window per utterance takes), validated on
+    windows of its held-out utterances drawn once."""
+    batch_size, seed = config.batch_size, config.seed
+    if config.sampler == 'windows':
+        split = training_split(open_for_training(working_dir), seed)
+        sampler = WindowSampler(split.store, split.train, config.speaker_sampling, seed)
+        validation = validation_windows(split.store, split.held_out, seed)
+        return SoftmaxData(len(split.store.speakers), f'{len(split.train):,} training utterances '
+                           f'({config.speaker_sampling} speakers, fresh windows), {len(validation.utterances):,} '
+                           f'validation windows', math.ceil(len(split.train) / batch_size),
+                           partial(sampler.dataset, batch_size),
+                           fixed_windows_dataset(split.store, validation, batch_size))
+    kx_train, ky_train = converter.load('train')
+    kx_test, ky_test = converter.load('test')
+    return SoftmaxData(converter.num_speakers, f'{len(kx_train)} training crops',
+                       math.ceil(len(kx_train) / batch_size),
+                       lambda first_batch: softmax_dataset(kx_train, ky_train, batch_size, seed),
+                       softmax_dataset(kx_test, ky_test, batch_size, None))
 
 
 def train_softmax(config: TrainConfig) -> Path:
@@ -164,9 +213,8 @@ def train_softmax(config: TrainConfig) -> Path:
     best checkpoint's path. A resumed run keeps the architecture and learning rate of its checkpoint."""
     working_dir, converter, directory = phase_inputs(config, 'softmax')
     with training_lock(directory):
-        kx_train, ky_train = converter.load('train')
-        kx_test, ky_test = converter.load('test')
-        num_speakers = converter.num_speakers
+        data = softmax_data(config, working_dir, converter)
+        num_speakers = data.num_speakers
 
         def new_model():
             dsm = MODELS[config.model_name](include_softmax=True, num_speakers_softmax=num_speakers, width=config.width,
@@ -181,13 +229,39 @@ def train_softmax(config: TrainConfig) -> Path:
             raise CheckpointError(f'{last_checkpoint(directory, name)}: trained on {model.output_shape[-1]} speakers, '
                                   f'but the model inputs have {num_speakers}; delete {directory} or use another '
                                   f'--working_dir.')
-        logger.info('Softmax phase: %d speakers, %d training crops, %s parameters.', num_speakers,
-                    len(kx_train), f'{model.count_params():,}')
-        steps = config.steps_per_epoch or math.ceil(len(kx_train) / config.batch_size)
-        fit(model, initial_epoch, config.epochs, softmax_dataset(kx_train, ky_train, config.batch_size, config.seed),
-            softmax_dataset(kx_test, ky_test, config.batch_size, None), steps,
+        logger.info('Softmax phase: %d speakers, %s, %s parameters.', num_speakers, data.description,
+                    f'{model.count_params():,}')
+        steps = config.steps_per_epoch or data.steps
+        fit(model, initial_epoch, config.epochs, data.train(initial_epoch * steps), data.validation, steps,
             phase_callbacks(directory, working_dir.root, name, 'softmax', 'val_accuracy', 'max'))
         return best_checkpoint(directory, name)
+
+
+class TripletData(NamedTuple):
+    """What the triplet phase trains on: crops indexed like kx (a memory map, or sampler.WindowCrops) and their
+    labels, for training and validation, and the miner and batcher classes that read them."""
+    num_speakers: int
+    kx_train: object
+    ky_train: np.ndarray
+    kx_test: object
+    ky_test: np.ndarray
+    miner: type
+    batcher: Callable
+
+
+def triplet_data(config: TrainConfig, working_dir: WorkingDir, converter: KerasFormatConverter | None) -> TripletData:
+    """The fixed crops of the model inputs, or windows of the packed store's training utterances (fresh ones for
+    each random triplet and at each history refresh) and of its held-out utterances (drawn once)."""
+    if config.sampler == 'windows':
+        split = training_split(open_for_training(working_dir), config.seed)
+        rng = np.random.default_rng(config.seed)
+        train, test = WindowCrops(split.store, split.train, rng), WindowCrops(split.store, split.held_out, rng)
+        return TripletData(len(split.store.speakers), train, train.labels, test, test.labels, WindowMiner,
+                           partial(WindowTripletBatcher, speaker_sampling=config.speaker_sampling))
+    kx_train, ky_train = converter.load('train')
+    kx_test, ky_test = converter.load('test')
+    return TripletData(converter.num_speakers, kx_train, ky_train, kx_test, ky_test, HardNegativeMiner,
+                       TripletBatcher)
 
 
 def train_triplet(config: TrainConfig) -> Path:
@@ -201,8 +275,8 @@ def train_triplet(config: TrainConfig) -> Path:
     """
     working_dir, converter, directory = phase_inputs(config, 'triplet')
     with training_lock(directory):
-        kx_train, ky_train = converter.load('train')
-        kx_test, ky_test = converter.load('test')
+        data = triplet_data(config, working_dir, converter)
+        kx_train, ky_train, kx_test, ky_test = data.kx_train, data.ky_train, data.kx_test, data.ky_test
         name = MODELS[config.model_name].name
         seed, batch_size = config.seed, config.batch_size
 
@@ -226,16 +300,16 @@ def train_triplet(config: TrainConfig) -> Path:
         callbacks = phase_callbacks(directory, working_dir.root, name, 'triplet', 'val_loss', 'min')
         selector = random_triplets
         if config.mining != 'random':
-            selector = HardNegativeMiner(ky_train, config.mining, min(config.history_size, len(ky_train)),
+            selector = data.miner(ky_train, config.mining, min(config.history_size, len(ky_train)),
                                          seed + initial_epoch)
             callbacks.append(MiningRefresh(selector, kx_train, config.refresh_every,
                                            config.inference_batch or batch_size))
-        train_batcher = TripletBatcher(kx_train, ky_train, seed=seed + initial_epoch, selector=selector)
-        test_batcher = TripletBatcher(kx_test, ky_test, seed=seed)
+        train_batcher = data.batcher(kx_train, ky_train, seed=seed + initial_epoch, selector=selector)
+        test_batcher = data.batcher(kx_test, ky_test, seed=seed)
         validation = [test_batcher.get_batch(batch_size) for _ in range(TRIPLET_VALIDATION_BATCHES)]
         validation = (np.concatenate([x for x, _ in validation]), np.concatenate([y for _, y in validation]))
         validation = tf.data.Dataset.from_tensor_slices(validation).batch(3 * (batch_size // 3))
-        logger.info('Triplet phase: %d speakers, %s parameters, %s triplets.', converter.num_speakers,
+        logger.info('Triplet phase: %d speakers, %s parameters, %s triplets.', data.num_speakers,
                     f'{model.count_params():,}', config.mining)
         fit(model, initial_epoch, config.epochs, triplet_dataset(train_batcher, batch_size), validation,
             config.steps_per_epoch or TRIPLET_STEPS_PER_EPOCH, callbacks)
