@@ -25,7 +25,7 @@ from constants import (
     NUM_FRAMES,
     VALIDATION_WINDOWS_PER_UTTERANCE,
 )
-from store import PackedStore
+from store import PackedStore, as_float32
 
 logger = logging.getLogger(__name__)
 
@@ -75,28 +75,36 @@ class WindowSampler:
         speakers = rng.integers(len(self.speakers), size=n)
         return self.utterances[self.first[speakers] + rng.integers(self.counts[speakers])]
 
-    def batch(self, number: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """Batch `number`: crops (batch_size, NUM_FRAMES, NUM_FBANKS, 1) float32 and their speakers' class
-        indices (batch_size,) int32; the same (seed, number) always gives the same batch."""
+    def frames_batch(self, number: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Batch `number`: windows (batch_size, NUM_FRAMES, NUM_FBANKS) of the store's dtype and their speakers'
+        class indices (batch_size,) int32; the same (seed, number) always gives the same batch."""
         rng = np.random.default_rng([self.seed, 0, number])
         utterances = self.draw(rng, batch_size)
         starts = window_starts(self.store.lengths[utterances], rng)
-        return self.store.read_windows(utterances, starts, NUM_FRAMES), self.store.labels[utterances]
+        return self.store.read_frames(utterances, starts, NUM_FRAMES), self.store.labels[utterances]
+
+    def batch(self, number: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """frames_batch as float32 crops (batch_size, NUM_FRAMES, NUM_FBANKS, 1) and class indices."""
+        frames, labels = self.frames_batch(number, batch_size)
+        return as_float32(frames)[..., np.newaxis], labels
 
     def dataset(self, batch_size: int, first_batch: int = 0) -> tf.data.Dataset:
-        """Endless batches number first_batch, first_batch + 1, ...: built in parallel, delivered in order."""
-        def batch(number):
-            return self.batch(int(number), batch_size)
-
-        numbers = tf.data.Dataset.counter(start=first_batch)
-        return batch_dataset(numbers.map(lambda n: tf.numpy_function(batch, [n], (tf.float32, tf.int32)),
-                                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True))
+        """Endless batches number first_batch, first_batch + 1, ...: read in parallel, cast to float32 crops by
+        TensorFlow (outside the GIL), delivered in order."""
+        return batch_dataset(tf.data.Dataset.counter(start=first_batch),
+                             lambda number: self.frames_batch(int(number), batch_size), self.store.dtype)
 
 
-def batch_dataset(dataset: tf.data.Dataset) -> tf.data.Dataset:
-    """`dataset` of (crops, labels) with their static shapes, prefetched."""
-    return dataset.map(lambda x, y: (tf.ensure_shape(x, BATCH_SPEC[0].shape),
-                                     tf.ensure_shape(y, BATCH_SPEC[1].shape))).prefetch(tf.data.AUTOTUNE)
+def batch_dataset(numbers: tf.data.Dataset, read, dtype: np.dtype) -> tf.data.Dataset:
+    """Batches `read(number)` -> (frames (n, NUM_FRAMES, NUM_FBANKS) of `dtype`, labels (n,) int32) for each of
+    `numbers`, read in parallel and delivered in order as (float32 crops (n, NUM_FRAMES, NUM_FBANKS, 1), labels),
+    prefetched."""
+    def crops(number):
+        frames, labels = tf.numpy_function(read, [number], (tf.as_dtype(dtype), tf.int32))
+        frames = tf.ensure_shape(tf.cast(frames, tf.float32), BATCH_SPEC[0].shape[:-1])
+        return frames[..., tf.newaxis], tf.ensure_shape(labels, BATCH_SPEC[1].shape)
+
+    return numbers.map(crops, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
 
 
 class FixedWindows(NamedTuple):
@@ -116,14 +124,13 @@ def validation_windows(store: PackedStore, held_out: np.ndarray, seed: int) -> F
 
 def fixed_windows_dataset(store: PackedStore, windows: FixedWindows, batch_size: int) -> tf.data.Dataset:
     """One pass over `windows` in batches of (crops, class indices), read from the store batch by batch."""
-    def batch(number):
+    def read(number):
         part = slice(int(number) * batch_size, (int(number) + 1) * batch_size)
         utterances = windows.utterances[part]
-        return store.read_windows(utterances, windows.starts[part], NUM_FRAMES), store.labels[utterances]
+        return store.read_frames(utterances, windows.starts[part], NUM_FRAMES), store.labels[utterances]
 
     numbers = tf.data.Dataset.range(-(-len(windows.utterances) // batch_size))
-    return batch_dataset(numbers.map(lambda n: tf.numpy_function(batch, [n], (tf.float32, tf.int32)),
-                                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True))
+    return batch_dataset(numbers, read, store.dtype)
 
 
 class WindowSplit(NamedTuple):

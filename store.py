@@ -88,6 +88,16 @@ def frame_count(path: Path) -> int:
     return shape[0]
 
 
+FLOAT16_VALUES = np.arange(2**16, dtype=np.uint16).view(np.float16).astype(np.float32)  # every float16, widened.
+
+
+def as_float32(frames: np.ndarray) -> np.ndarray:
+    """`frames` as float32; float16 through a table of every float16 value (4x faster than numpy's cast)."""
+    if frames.dtype == np.float16:
+        return np.take(FLOAT16_VALUES, frames.view(np.uint16))
+    return frames.astype(np.float32, copy=False)
+
+
 def write_json_atomically(path: Path, content: dict) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(content))
@@ -154,9 +164,9 @@ class PackedStore:
                              f'{self.fingerprint[:12]}, the cache now {found[:12]}); delete it (rm -r '
                              f'{self.directory}) and run build-packed-store again.')
 
-    def read_windows(self, utterances: np.ndarray, starts: np.ndarray, num_frames: int) -> np.ndarray:
-        """Windows of `num_frames` frames of utterances (n,) from frames `starts` (n,), as float32 crops
-        (n, num_frames, NUM_FBANKS, 1); the frames past an utterance's end are zeros (batcher.sample_from_mfcc's
+    def read_frames(self, utterances: np.ndarray, starts: np.ndarray, num_frames: int) -> np.ndarray:
+        """Windows of `num_frames` frames of utterances (n,) from frames `starts` (n,), in the store's dtype:
+        (n, num_frames, NUM_FBANKS); the frames past an utterance's end are zeros (batcher.sample_from_mfcc's
         padding). Thread-safe: positioned reads of one file descriptor."""
         if self._fd is None:
             self._fd = os.open(self.directory / FRAMES, os.O_RDONLY)
@@ -167,7 +177,11 @@ class PackedStore:
             if os.preadv(self._fd, [window[:count]], position) != count * self.frame_bytes:
                 raise StoreError(f'{self.directory / FRAMES}: truncated packed store; delete {self.directory} and '
                                  f'run build-packed-store again.')
-        return windows.astype(np.float32)[..., np.newaxis]
+        return windows
+
+    def read_windows(self, utterances: np.ndarray, starts: np.ndarray, num_frames: int) -> np.ndarray:
+        """read_frames as float32 crops with a channel axis: (n, num_frames, NUM_FBANKS, 1)."""
+        return as_float32(self.read_frames(utterances, starts, num_frames))[..., np.newaxis]
 
     def close(self) -> None:
         if self._fd is not None:

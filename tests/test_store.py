@@ -46,7 +46,8 @@ def fake_cache(working_dir: Path, seed: int = 0) -> Path:
 
 def cached_arrays(working_dir: Path) -> dict[str, np.ndarray]:
     """'<speaker>/<utterance>' -> the cached array, read with numpy alone."""
-    return {f'{p.parent.name}/{p.name[:-4]}': np.load(p) for p in sorted((working_dir / 'audio-fbanks').glob('*/*.npy'))}
+    files = sorted((working_dir / 'audio-fbanks').glob('*/*.npy'))
+    return {f'{p.parent.name}/{p.name[:-len(".npy")]}': np.load(p) for p in files}
 
 
 def stored_arrays(store: PackedStore) -> dict[str, np.ndarray]:
@@ -76,6 +77,10 @@ def test_float16_store_holds_the_float16_values_of_the_cache(tmp_path):
     cached = cached_arrays(tmp_path)
     for name, array in stored_arrays(store).items():
         np.testing.assert_array_equal(array, cached[name].astype(np.float16))
+    utterances, starts = np.arange(store.num_utterances), np.zeros(store.num_utterances, dtype=np.int64)
+    crops = store.read_windows(utterances, starts, NUM_FRAMES)
+    assert crops.dtype == np.float32
+    np.testing.assert_array_equal(crops[..., 0], store.read_frames(utterances, starts, NUM_FRAMES).astype(np.float32))
 
 
 def test_complete_store_is_left_as_it_is(packed, caplog):
