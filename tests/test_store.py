@@ -232,3 +232,11 @@ def test_random_triplets_take_fresh_windows_and_mined_ones_the_windows_the_histo
     unchanged = crops.starts.copy()
     batcher.get_batch(30)
     assert (crops.starts != unchanged).any()  # random triplets drew new windows of their slots.
+
+
+def test_speaker_sampling_without_the_windows_sampler_is_refused(tmp_path):
+    result = CliRunner().invoke(cli, ['train-model', '--working_dir', str(tmp_path), '--speaker_sampling',
+                                      'proportional'])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == ('Error: --speaker_sampling proportional is an option of '
+                                                      '--sampler windows; add --sampler windows.')
