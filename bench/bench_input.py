@@ -6,12 +6,15 @@ content does not change throughput or memory):
                  triplet batches, beside the crops/s a ResCNN training step consumes at each width, in one run
     rss          per corpus size: the pack (time, peak RSS) and the peak RSS of a short softmax and triplet training
                  run with --sampler windows, each in its own process (ru_maxrss of the child)
+    rss-store    the same training runs on a store written directly at any size, VoxCeleb2's included: its index
+                 is real, its frames file sparse (zeros, no disk used), and there is no cache to check it against
     precision    float16 against float32 frames on a real cache: feature error and shipped-model embeddings
 
     .venv/bin/python bench/bench_input.py rss --utterances 1000 --utterances 30000
     .venv/bin/python bench/bench_input.py throughput WORKING_DIR --width 1.0 --width 0.25
 """
 
+import json
 import logging
 import os
 import shutil
@@ -162,11 +165,7 @@ def rss(sizes, per_speaker, steps, width, keep):
         wd = tmp / f'wd{size}'
         frames = write_fake_cache(wd, size, per_speaker, seed=size)
         pack_rss, pack_seconds, _ = run_child(python + ['build-packed-store', '--working_dir', str(wd)])
-        common = ['--working_dir', str(wd), '--sampler', 'windows', '--epochs', '1', '--steps_per_epoch', str(steps),
-                  '--width', str(width)]
-        softmax_rss, _, _ = run_child(python + ['train-model', '--pre_training_phase', *common])
-        triplet_rss, _, _ = run_child(python + ['train-model', '--no_pre_training_phase', '--triplet_mining',
-                                                'semihard', *common])
+        softmax_rss, triplet_rss = training_rss(wd, steps, width)
         store_bytes = (wd / 'packed' / 'frames.npy').stat().st_size
         index_bytes = (wd / 'packed' / 'index.npz').stat().st_size
         click.echo(f'| {size:,} | {frames / FRAMES_PER_SECOND / 3600:,.1f} | {store_bytes / 1e9:.2f} | '
@@ -174,6 +173,60 @@ def rss(sizes, per_speaker, steps, width, keep):
                    f'{triplet_rss:,.0f} |')
         if not keep:
             shutil.rmtree(wd)
+
+
+def training_rss(working_dir: Path, steps: int, width: float) -> tuple[float, float]:
+    """Peak RSS (MB) of a softmax then a triplet (semihard mining) run of `steps` steps with --sampler windows."""
+    common = ['--working_dir', str(working_dir), '--sampler', 'windows', '--epochs', '1', '--steps_per_epoch',
+              str(steps), '--width', str(width)]
+    softmax_rss, _, _ = run_child([sys.executable, 'cli.py', 'train-model', '--pre_training_phase', *common])
+    triplet_rss, _, _ = run_child([sys.executable, 'cli.py', 'train-model', '--no_pre_training_phase',
+                                   '--triplet_mining', 'semihard', *common])
+    return softmax_rss, triplet_rss
+
+
+def write_sparse_store(working_dir: Path, utterances: int, speakers: int, seed: int) -> int:
+    """A packed store of `utterances` of 4-12 s over `speakers` speakers written directly: real index and meta,
+    frames.npy allocated but never written (a sparse file of zeros). Returns the total frames."""
+    from constants import PACKED_FORMAT
+    from store import FRAMES, INDEX, META, UTTERANCES
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(UTTERANCE_SECONDS[0] * FRAMES_PER_SECOND, UTTERANCE_SECONDS[1] * FRAMES_PER_SECOND + 1,
+                           size=utterances).astype(np.int32)
+    labels = np.sort(rng.integers(speakers, size=utterances)).astype(np.int32)
+    directory = WorkingDir.of(working_dir).packed_dir
+    directory.mkdir(parents=True)
+    frames = np.lib.format.open_memmap(directory / FRAMES, mode='w+', dtype=np.float16,
+                                       shape=(int(lengths.sum(dtype=np.int64)), NUM_FBANKS))
+    del frames
+    np.savez(directory / INDEX, offsets=np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64)]),
+             lengths=lengths, labels=labels)
+    (directory / UTTERANCES).write_text(''.join(f'spk{s:05d}/utt{i:07d}\n' for i, s in enumerate(labels)))
+    (directory / META).write_text(json.dumps({'format': PACKED_FORMAT, 'fingerprint': 'sparse', 'dtype': 'float16',
+                                              'utterances': utterances, 'frames': int(lengths.sum(dtype=np.int64)),
+                                              'speakers': [f'spk{s:05d}' for s in range(speakers)]}))
+    return int(lengths.sum(dtype=np.int64))
+
+
+@main.command('rss-store')
+@click.option('--utterances', 'sizes', multiple=True, type=int, default=(1000, 30000, 1092009), show_default=True)
+@click.option('--speakers', 'speaker_counts', multiple=True, type=int, default=(10, 300, 5994), show_default=True,
+              help='Speakers of each size, in the same order.')
+@click.option('--steps', default=3, show_default=True, help='Training steps per phase.')
+@click.option('--width', default=0.0625, show_default=True)
+def rss_store(sizes, speaker_counts, steps, width):
+    """Peak RSS of both training phases with --sampler windows on stores written directly (sparse frames)."""
+    tmp = Path(tempfile.mkdtemp(prefix='bench-store-'))
+    click.echo('| utterances | speakers | hours | index MB | softmax RSS MB | triplet RSS MB |\n'
+               '|---:|---:|---:|---:|---:|---:|')
+    for size, speakers in zip(sizes, speaker_counts, strict=True):
+        wd = tmp / f'wd{size}'
+        frames = write_sparse_store(wd, size, speakers, seed=size)
+        softmax_rss, triplet_rss = training_rss(wd, steps, width)
+        index_bytes = (wd / 'packed' / 'index.npz').stat().st_size
+        click.echo(f'| {size:,} | {speakers:,} | {frames / FRAMES_PER_SECOND / 3600:,.0f} | {index_bytes / 1e6:.1f} | '
+                   f'{softmax_rss:,.0f} | {triplet_rss:,.0f} |')
+        shutil.rmtree(wd)
 
 
 @main.command()
