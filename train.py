@@ -301,7 +301,7 @@ def train_triplet(config: TrainConfig) -> Path:
         selector = random_triplets
         if config.mining != 'random':
             selector = data.miner(ky_train, config.mining, min(config.history_size, len(ky_train)),
-                                         seed + initial_epoch)
+                                  seed + initial_epoch)
             callbacks.append(MiningRefresh(selector, kx_train, config.refresh_every,
                                            config.inference_batch or batch_size))
         train_batcher = data.batcher(kx_train, ky_train, seed=seed + initial_epoch, selector=selector)
