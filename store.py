@@ -240,6 +240,7 @@ def fill_frames(partial: Path, listing: list[CachedFile], cache_dir: Path, state
         offsets, lengths = index['offsets'], index['lengths']
     dtype = np.dtype(state['dtype'])
     data_offset = np.load(partial / FRAMES, mmap_mode='r').offset
+    store_bytes = int(lengths.sum(dtype=np.int64)) * NUM_FBANKS * dtype.itemsize
     fd = os.open(partial / FRAMES, os.O_WRONLY)
     saved = time.monotonic()
 
@@ -256,13 +257,21 @@ def fill_frames(partial: Path, listing: list[CachedFile], cache_dir: Path, state
             if len(features) != lengths[i] or not np.isfinite(features).all():
                 raise CacheError(f'{path}: changed while packing, or beyond {dtype} range; run build-packed-store '
                                  f'again (it starts over when the cache changed).')
-            os.pwrite(fd, features.tobytes(), data_offset + int(offsets[i]) * NUM_FBANKS * dtype.itemsize)
+            try:
+                os.pwrite(fd, features.tobytes(), data_offset + int(offsets[i]) * NUM_FBANKS * dtype.itemsize)
+            except OSError as e:
+                raise StoreError(f'{partial / FRAMES}: cannot be written ({e.strerror or e}); free disk space '
+                                 f'(the store takes {store_bytes / 1e9:.1f} GB) and run build-packed-store again: '
+                                 f'it resumes.') from None
             done = i + 1
             if time.monotonic() - saved > PACK_STATE_EVERY_S:
                 save_progress(done)
                 saved = time.monotonic()
     finally:
-        save_progress(done)
+        try:
+            save_progress(done)
+        except OSError as e:  # a full disk: the last saved progress stands, the error that stopped the pack too.
+            logger.warning('%s: progress not saved (%s); the next run resumes from the last save.', partial, e)
         os.close(fd)
 
 
