@@ -116,6 +116,29 @@ def model_crops_per_second(width: float, batch_size: int, num_speakers: int, ste
     return steps * batch_size / (time.perf_counter() - start)
 
 
+def fixed_crop_rows(split, batch_size: int, batches: int, per_speaker: int = 20) -> list[tuple[str, float]]:
+    """For comparison, the fixed crops' paths (train.softmax_dataset, batcher.TripletBatcher) on a kx_train-like
+    memory map of `per_speaker` crops per speaker (windows of the store) written in a temporary directory."""
+    from batcher import TripletBatcher
+    from sampler import WindowSampler
+    from train import softmax_dataset, triplet_dataset
+    sampler = WindowSampler(split.store, split.train, 'balanced', seed=1)
+    count = len(sampler.speakers) * per_speaker
+    with tempfile.TemporaryDirectory(prefix='bench-kx-') as tmp:
+        kx = np.lib.format.open_memmap(Path(tmp) / 'kx.npy', mode='w+', dtype=np.float32,
+                                       shape=(count, NUM_FRAMES, NUM_FBANKS, 1))
+        ky = np.repeat(sampler.speakers, per_speaker).astype(np.int32)  # as build-keras-inputs lays them out.
+        for number, start in enumerate(range(0, count, batch_size)):
+            kx[start:start + batch_size] = sampler.batch(number, min(batch_size, count - start))[0]
+        kx.flush()
+        kx = np.load(Path(tmp) / 'kx.npy', mmap_mode='r')
+        return [('fixed crops, softmax (train.softmax_dataset over a kx_train memory map)',
+                 crops_per_second(softmax_dataset(kx, ky, batch_size, seed=0).as_numpy_iterator(), batches)),
+                ('fixed crops, random triplets (batcher.TripletBatcher, train.triplet_dataset)',
+                 crops_per_second(triplet_dataset(TripletBatcher(kx, ky, seed=0), batch_size).as_numpy_iterator(),
+                                  batches))]
+
+
 @main.command()
 @click.argument('working_dir', type=click.Path(exists=True, file_okay=False))
 @click.option('--batches', default=300, show_default=True, help='Batches timed per input path.')
@@ -140,6 +163,7 @@ def throughput(working_dir, batches, batch_size, widths, steps):
              crops_per_second(sampler.dataset(batch_size).as_numpy_iterator(), batches)),
             ('random triplets of windows (train.triplet_dataset)',
              crops_per_second(triplet_dataset(triplets, batch_size).as_numpy_iterator(), batches))]
+    rows += fixed_crop_rows(split, batch_size, batches)
     rows += [(f'ResCNN width {width:g}: training step (consumption)',
               model_crops_per_second(width, batch_size, len(split.store.speakers), steps)) for width in widths]
     click.echo(f'{split.store.num_utterances:,} utterances, batch {batch_size}, {os.cpu_count()} CPUs\n')
