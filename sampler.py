@@ -23,6 +23,7 @@ from constants import (
     MIN_TRAINING_SPEAKERS,
     NUM_FBANKS,
     NUM_FRAMES,
+    SPEAKER_SAMPLINGS,
     VALIDATION_WINDOWS_PER_UTTERANCE,
 )
 from store import PackedStore, as_float32
@@ -61,8 +62,8 @@ class WindowSampler:
     """
 
     def __init__(self, store: PackedStore, utterances: np.ndarray, speaker_sampling: str, seed: int):
-        if speaker_sampling not in ('balanced', 'proportional'):
-            raise ValueError(f'speaker sampling {speaker_sampling}: expected balanced or proportional.')
+        if speaker_sampling not in SPEAKER_SAMPLINGS:
+            raise ValueError(f'speaker sampling {speaker_sampling}: expected one of {", ".join(SPEAKER_SAMPLINGS)}.')
         self.store, self.utterances, self.seed = store, utterances, seed
         self.speaker_sampling = speaker_sampling
         labels = store.labels[utterances]  # sorted, as the store is sorted by speaker.
