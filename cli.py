@@ -23,6 +23,7 @@ from constants import (
     DCF_P_TARGET,
     DEFAULT_CHECKPOINT,
     DEFAULT_EPOCHS,
+    DEFAULT_PACKED_DTYPE,
     DEFAULT_SEED,
     DEFAULT_TOP_K,
     DEFAULT_TRIPLET_MINING,
@@ -33,7 +34,9 @@ from constants import (
     MINING_REFRESH_EVERY,
     NUM_FRAMES,
     OPERATING_POINTS,
+    PACKED_DTYPES,
     SAMPLE_RATE,
+    SAMPLERS,
     SCORE_NORMS,
     SERVICE_HOST,
     SERVICE_MAX_SECONDS,
@@ -43,6 +46,7 @@ from constants import (
     SERVICE_TOKEN_ENV,
     SNR_RANGE_DB,
     SOFTMAX_LEARNING_RATE,
+    SPEAKER_SAMPLINGS,
     TDNN_FRAME_LAYERS,
     TRIPLET_LEARNING_RATE,
     TRIPLET_MINING_MODES,
@@ -82,7 +86,8 @@ def fail(message: str) -> None:
 
 
 BUILD_COMMANDS = {'features': 'build-mfcc-cache (./deep-speaker build_mfcc)',
-                  'inputs': 'build-keras-inputs (./deep-speaker build_model_inputs)'}
+                  'inputs': 'build-keras-inputs (./deep-speaker build_model_inputs)',
+                  'store': 'build-packed-store (./deep-speaker build_packed_store)'}
 
 
 def os_error_message(e: OSError) -> str:
@@ -175,6 +180,21 @@ def build_keras_inputs(working_dir, counts_per_speaker, seed):
         fail(str(e))
 
 
+@cli.command('build-packed-store')
+@working_dir_option
+@click.option('--dtype', default=DEFAULT_PACKED_DTYPE, show_default=True, type=click.Choice(PACKED_DTYPES),
+              help='Type of the packed frames: float16 halves the store (README: "Packed feature store").')
+def build_packed_store(working_dir, dtype):
+    """Packs the feature cache into WORKING_DIR/packed (one array of every frame and its index) for train-model
+    --sampler windows; resumes an interrupted pack, does nothing when the store is up to date."""
+    from store import pack_store
+    try:
+        store = pack_store(WorkingDir.of(working_dir), dtype)
+    except OSError as e:
+        fail(os_error_message(e))
+    logger.info('Packed store holds %d utterances of %d speakers.', store.num_utterances, len(store.speakers))
+
+
 @cli.command('train-model')
 @working_dir_option
 @click.option('--pre_training_phase/--no_pre_training_phase', default=False, show_default=True,
@@ -214,10 +234,15 @@ def build_keras_inputs(working_dir, counts_per_speaker, seed):
 @click.option('--average_last', default=0, show_default=True, type=click.IntRange(min=0),
               help='Keep the last N epoch checkpoints (<Model>_epochNNNN.keras) and average their weights into '
                    '<Model>_averaged.keras after training; 0: off.')
+@click.option('--sampler', default='fixed', show_default=True, type=click.Choice(SAMPLERS),
+              help='Training crops: the fixed ones of build-keras-inputs, or fresh random windows of the packed store '
+                   '(build-packed-store) at every step, validated on held-out utterances.')
+@click.option('--speaker_sampling', default='balanced', show_default=True, type=click.Choice(SPEAKER_SAMPLINGS),
+              help='--sampler windows: draw speakers equally often, or in proportion to their utterances.')
 @seed_option
 def train_model(working_dir, pre_training_phase, from_scratch, epochs, steps_per_epoch, batch_size, learning_rate,
                 triplet_mining, history_size, refresh_every, inference_batch, model, width, tdnn_layers, dropout,
-                bn_before_relu, val_speakers, average_last, seed):
+                bn_before_relu, val_speakers, average_last, sampler, speaker_sampling, seed):
     """Trains one phase; checkpoints go to WORKING_DIR/checkpoints-softmax or checkpoints-triplets. The triplet
     phase (the default) starts from the best softmax checkpoint, with its architecture. One run per phase and
     working dir at a time."""
@@ -227,6 +252,8 @@ def train_model(working_dir, pre_training_phase, from_scratch, epochs, steps_per
     if average_last > epochs:
         fail(f'--average_last {average_last}: at most --epochs {epochs} epoch checkpoints are kept; give at most '
              f'{epochs}.')
+    if speaker_sampling != 'balanced' and sampler != 'windows':
+        fail(f'--speaker_sampling {speaker_sampling} is an option of --sampler windows; add --sampler windows.')
     from batcher import InputsError
     from checkpoints import AveragingError, CheckpointError
     from train import NoPretrainingError, TrainConfig, train_softmax, train_triplet
@@ -236,7 +263,8 @@ def train_model(working_dir, pre_training_phase, from_scratch, epochs, steps_per
                          batch_size=batch_size, seed=seed, model_name=model, learning_rate=learning_rate,
                          model_options=options, mining=triplet_mining, history_size=history_size,
                          refresh_every=refresh_every, inference_batch=inference_batch,
-                         from_scratch=from_scratch, val_speakers=val_speakers, average_last=average_last)
+                         from_scratch=from_scratch, val_speakers=val_speakers, average_last=average_last,
+                         sampler=sampler, speaker_sampling=speaker_sampling)
     try:
         best = (train_softmax if pre_training_phase else train_triplet)(config)
     except NoPretrainingError as e:

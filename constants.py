@@ -29,6 +29,17 @@ TRAIN_TEST_RATIO = 0.8  # per speaker: first 80 % of utterances (or of the frame
 COUNTS_PER_SPEAKER = (600, 100)  # crops per speaker in kx_train / kx_test.
 MIN_TRAINING_SPEAKERS = 2  # a softmax needs two classes, a triplet a negative of another speaker.
 
+# Packed feature store (store.py) and the window sampler (sampler.py, train-model --sampler windows).
+PACKED_DTYPES = ('float16', 'float32')  # frames of the store: float16 halves its size (README: accuracy).
+DEFAULT_PACKED_DTYPE = 'float16'
+PACKED_FORMAT = 1  # version of the store's files; another version is refused.
+PACK_STATE_EVERY_S = 2.0  # seconds between two saves of a pack's progress (what a killed pack resumes from).
+SAMPLERS = ('fixed', 'windows')  # train-model --sampler: build-keras-inputs crops, or windows of the store.
+SPEAKER_SAMPLINGS = ('balanced', 'proportional')  # speakers equally often, or in proportion to their utterances.
+HELD_OUT_FRACTION = 0.02  # of each speaker's utterances held out for validation (at least 2, keeping one).
+VALIDATION_WINDOWS_PER_UTTERANCE = 8  # windows drawn once from each held-out utterance ...
+MAX_VALIDATION_WINDOWS = 1920  # ... up to this many in all (20 batches of 96).
+
 # Model.
 EMBEDDING_SIZE = 512
 RESCNN_FILTERS = (64, 128, 256, 512)  # one stage each; scaled by --width.
@@ -119,6 +130,7 @@ CACHE_FORMAT = '2'  # 2: <speaker>/<path under the speaker folder, extension kep
 VERIFY_BLOCK_FRAMES = 65536  # frames of a cached array checked for NaN at once (16 MB).
 MIN_FILE_SAMPLE_RATE = 1000  # Hz: a file declaring less is refused (resampling it up would explode its size).
 KERAS_INPUTS_SUBDIR = 'keras-inputs'
+PACKED_SUBDIR = 'packed'  # the packed feature store: frames.npy, index.npz, utterances.txt, meta.json.
 CHECKPOINTS_SOFTMAX_DIR = 'checkpoints-softmax'
 CHECKPOINTS_TRIPLET_DIR = 'checkpoints-triplets'
 PHASE_DIRS = {'softmax': CHECKPOINTS_SOFTMAX_DIR, 'triplet': CHECKPOINTS_TRIPLET_DIR}  # checkpoints of each phase.

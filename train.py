@@ -1,15 +1,19 @@
 """The two training phases: softmax pre-training and triplet training (TrainConfig carries their settings),
-streamed with tf.data from the memory-mapped model inputs, checkpointed atomically and resumed from the last
-finished epoch; the mining history is re-embedded with embedding.embed_crops. With `val_speakers`, some training
-speakers are held out and scored as verification trials every epoch (validation.py), which then chooses the best
-checkpoint; with `average_last`, the last epoch checkpoints are averaged after training.
+streamed with tf.data from the memory-mapped model inputs (or, with the windows sampler, fresh windows of the
+packed store), checkpointed atomically and resumed from the last finished epoch; the mining history is
+re-embedded with embedding.embed_crops. With `val_speakers`, some training speakers are held out and scored as
+verification trials every epoch (validation.py), which then chooses the best checkpoint; with `average_last`, the
+last epoch checkpoints are averaged after training.
 
-Imports checkpoints, embedding, batcher, conv_models, triplet_loss, validation, workdir and constants."""
+Imports checkpoints, embedding, sampler, store, batcher, conv_models, triplet_loss, validation, workdir and
+constants."""
 
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -43,9 +47,21 @@ from constants import (
 )
 from conv_models import MODELS
 from embedding import embed_crops
+from sampler import (
+    WindowCrops,
+    WindowMiner,
+    WindowSampler,
+    WindowSplit,
+    WindowTripletBatcher,
+    fixed_windows_dataset,
+    training_split,
+    validation_windows,
+)
+from store import PackedStore, open_for_training
 from triplet_loss import deep_speaker_loss
 from validation import (
     SpeakerValidation,
+    base_speaker,
     check_pretrained_held_out,
     check_resumed_held_out,
     held_out_speakers,
@@ -157,6 +173,8 @@ class TrainConfig:
     from_scratch: bool = False  # triplet phase: start from random weights when there is no softmax checkpoint.
     val_speakers: int = 0  # training speakers held out and scored as trials every epoch (best checkpoint by val_eer).
     average_last: int = 0  # epoch checkpoints kept and averaged into <Model>_averaged.keras after training.
+    sampler: str = 'fixed'  # 'fixed': build-keras-inputs crops; 'windows': fresh windows of the packed store.
+    speaker_sampling: str = 'balanced'  # windows: speakers equally often, or 'proportional' to their utterances.
 
 
 class NoPretrainingError(CheckpointError):
@@ -167,49 +185,41 @@ class NoPretrainingError(CheckpointError):
         self.path = path
 
 
-def phase_inputs(config: TrainConfig, phase: str) -> tuple[WorkingDir, KerasFormatConverter, Path]:
-    """Seeds every generator, and returns the working dir, its model inputs and the phase's checkpoint dir."""
+def phase_inputs(config: TrainConfig, phase: str) -> tuple[WorkingDir, KerasFormatConverter | None, Path]:
+    """Seeds every generator, and returns the working dir, its model inputs (None with the windows sampler) and
+    the phase's checkpoint dir."""
     keras.utils.set_random_seed(config.seed)
     working_dir = WorkingDir.of(config.working_dir)
     directory = working_dir.checkpoints_dir(phase)
-    converter = KerasFormatConverter(working_dir)
+    converter = KerasFormatConverter(working_dir) if config.sampler == 'fixed' else None
     directory.mkdir(parents=True, exist_ok=True)
     return working_dir, converter, directory
 
 
-class PhaseInputs(NamedTuple):
-    """The crops and labels a phase trains and validates on, without the held-out speakers (labels renumbered),
-    their number of classes, the held-out speakers and the validation callbacks scoring them."""
-    kx_train: np.ndarray
-    ky_train: np.ndarray
-    kx_test: np.ndarray
-    ky_test: np.ndarray
-    num_speakers: int
-    held_out: list[str]
-    validation: list
+class HeldOut(NamedTuple):
+    """The training speakers held out of a phase and the validation callbacks that score them (none when none)."""
+    speakers: list[str]
+    callbacks: list
 
 
-def held_out_inputs(config: TrainConfig, working_dir: WorkingDir, converter: KerasFormatConverter,
-                    directory: Path, name: str) -> PhaseInputs:
-    """The model inputs without the `config.val_speakers` held-out speakers, and the SpeakerValidation callback
-    over them. ValidationError (before any training) for too many, or for other speakers than a resumed phase
-    held out."""
-    speakers = working_dir.input_speakers()
+def held_out_validation(config: TrainConfig, working_dir: WorkingDir, directory: Path, name: str,
+                        speakers: list[str]) -> HeldOut:
+    """The `config.val_speakers` speakers of `speakers` held out, and the SpeakerValidation callback over their
+    cached utterances. ValidationError (before any training) for too many, or for other speakers than a resumed
+    phase held out."""
     held_out = held_out_speakers(speakers, config.val_speakers) if config.val_speakers else []
     check_resumed_held_out(directory, held_out, read_state(directory, name).get('epoch', 0) > 0)
-    kx_train, ky_train, num_speakers = training_subset(*converter.load('train'), speakers, held_out)
-    kx_test, ky_test, _ = training_subset(*converter.load('test'), speakers, held_out)
-    validation = []
+    callbacks = []
     if held_out:
         windows, targets = validation_targets(working_dir, held_out)
-        validation.append(SpeakerValidation(windows, targets, config.inference_batch or config.batch_size))
-    return PhaseInputs(kx_train, ky_train, kx_test, ky_test, num_speakers, held_out, validation)
+        callbacks.append(SpeakerValidation(windows, targets, config.inference_batch or config.batch_size))
+    return HeldOut(held_out, callbacks)
 
 
-def monitored(inputs: PhaseInputs, monitor: str, mode: str) -> tuple[str, str]:
+def monitored(held_out: HeldOut, monitor: str, mode: str) -> tuple[str, str]:
     """What chooses the best checkpoint (and drives the schedules): val_eer with held-out speakers, else
     (monitor, mode)."""
-    return ('val_eer', 'min') if inputs.held_out else (monitor, mode)
+    return ('val_eer', 'min') if held_out.speakers else (monitor, mode)
 
 
 def finish_phase(config: TrainConfig, directory: Path, name: str) -> Path:
@@ -219,14 +229,87 @@ def finish_phase(config: TrainConfig, directory: Path, name: str) -> Path:
     return best_checkpoint(directory, name)
 
 
+def without_speakers(store: PackedStore, utterances: np.ndarray, held_out: list[str]) -> np.ndarray:
+    """The `utterances` (store indices) whose speaker is not `held_out` (augmented copies of one held out too)."""
+    held = set(held_out)
+    kept = np.array([base_speaker(speaker) not in held for speaker in store.speakers], dtype=bool)
+    return utterances[kept[store.labels[utterances]]]
+
+
+def window_split(config: TrainConfig, working_dir: WorkingDir, directory: Path, name: str) -> tuple[WindowSplit,
+                                                                                                    HeldOut]:
+    """The packed store's seeded split without the held-out speakers' utterances (their softmax classes stay,
+    unused), and the validation over those speakers."""
+    split = training_split(open_for_training(working_dir), config.seed)
+    held_out = held_out_validation(config, working_dir, directory, name, list(split.store.speakers))
+    if held_out.speakers:
+        split = split._replace(train=without_speakers(split.store, split.train, held_out.speakers),
+                               held_out=without_speakers(split.store, split.held_out, held_out.speakers))
+    return split, held_out
+
+
+class FixedInputs(NamedTuple):
+    """The build-keras-inputs crops (n, frames, 64, 1) and labels (n,) of training and test, without the held-out
+    speakers (validation.Rows views, labels renumbered), their number of classes, and the held-out speakers."""
+    kx_train: np.ndarray
+    ky_train: np.ndarray
+    kx_test: np.ndarray
+    ky_test: np.ndarray
+    num_speakers: int
+    held_out: HeldOut
+
+
+def fixed_inputs(config: TrainConfig, working_dir: WorkingDir, converter: KerasFormatConverter, directory: Path,
+                 name: str) -> FixedInputs:
+    speakers = working_dir.input_speakers()
+    held_out = held_out_validation(config, working_dir, directory, name, speakers)
+    kx_train, ky_train, num_speakers = training_subset(*converter.load('train'), speakers, held_out.speakers)
+    kx_test, ky_test, _ = training_subset(*converter.load('test'), speakers, held_out.speakers)
+    return FixedInputs(kx_train, ky_train, kx_test, ky_test, num_speakers, held_out)
+
+
+class SoftmaxData(NamedTuple):
+    """What the softmax phase trains on: `train(first_batch)` the endless (crops, labels) batches from batch number
+    `first_batch` on, `validation` one pass of fixed batches, `steps` the default steps per epoch, and the
+    held-out speakers."""
+    num_speakers: int
+    description: str
+    steps: int
+    train: Callable[[int], tf.data.Dataset]
+    validation: tf.data.Dataset
+    held_out: HeldOut
+
+
+def softmax_data(config: TrainConfig, working_dir: WorkingDir, converter: KerasFormatConverter | None,
+                 directory: Path, name: str) -> SoftmaxData:
+    """The fixed crops of the model inputs (one pass over kx_train per epoch), or fresh windows of the packed
+    store's training utterances (as many batches per epoch as one window per utterance takes), validated on
+    windows of its held-out utterances drawn once; without the speakers held out for `config.val_speakers`."""
+    batch_size, seed = config.batch_size, config.seed
+    if config.sampler == 'windows':
+        split, held_out = window_split(config, working_dir, directory, name)
+        sampler = WindowSampler(split.store, split.train, config.speaker_sampling, seed)
+        validation = validation_windows(split.store, split.held_out, seed)
+        return SoftmaxData(len(split.store.speakers), f'{len(split.train):,} training utterances '
+                           f'({config.speaker_sampling} speakers, fresh windows), {len(validation.utterances):,} '
+                           f'validation windows', math.ceil(len(split.train) / batch_size),
+                           partial(sampler.dataset, batch_size),
+                           fixed_windows_dataset(split.store, validation, batch_size), held_out)
+    kx_train, ky_train, kx_test, ky_test, num_speakers, held_out = fixed_inputs(config, working_dir, converter,
+                                                                                directory, name)
+    return SoftmaxData(num_speakers, f'{len(kx_train)} training crops', math.ceil(len(kx_train) / batch_size),
+                       lambda first_batch: softmax_dataset(kx_train, ky_train, batch_size, seed),
+                       softmax_dataset(kx_test, ky_test, batch_size, None), held_out)
+
+
 def train_softmax(config: TrainConfig) -> Path:
     """Softmax pre-training (Adam) of the model `config.model_name` on kx_train, validated on kx_test; returns the
     best checkpoint's path. A resumed run keeps the architecture and learning rate of its checkpoint."""
     working_dir, converter, directory = phase_inputs(config, 'softmax')
     name = MODELS[config.model_name].name
     with training_lock(directory):
-        inputs = held_out_inputs(config, working_dir, converter, directory, name)
-        num_speakers = inputs.num_speakers
+        data = softmax_data(config, working_dir, converter, directory, name)
+        num_speakers = data.num_speakers
 
         def new_model():
             dsm = MODELS[config.model_name](include_softmax=True, num_speakers_softmax=num_speakers, width=config.width,
@@ -240,16 +323,46 @@ def train_softmax(config: TrainConfig) -> Path:
             raise CheckpointError(f'{last_checkpoint(directory, name)}: trained on {model.output_shape[-1]} speakers, '
                                   f'but the model inputs have {num_speakers}; delete {directory} or use another '
                                   f'--working_dir.')
-        record_held_out(directory, inputs.held_out)
-        logger.info('Softmax phase: %d speakers (%d held out), %d training crops, %s parameters.', num_speakers,
-                    len(inputs.held_out), len(inputs.kx_train), f'{model.count_params():,}')
-        steps = config.steps_per_epoch or math.ceil(len(inputs.kx_train) / config.batch_size)
-        fit(model, initial_epoch, config.epochs,
-            softmax_dataset(inputs.kx_train, inputs.ky_train, config.batch_size, config.seed),
-            softmax_dataset(inputs.kx_test, inputs.ky_test, config.batch_size, None), steps,
-            phase_callbacks(directory, working_dir.root, name, 'softmax', *monitored(inputs, 'val_accuracy', 'max'),
-                            inputs.validation, config.average_last))
+        record_held_out(directory, data.held_out.speakers)
+        logger.info('Softmax phase: %d speakers (%d held out), %s, %s parameters.', num_speakers,
+                    len(data.held_out.speakers), data.description, f'{model.count_params():,}')
+        steps = config.steps_per_epoch or data.steps
+        fit(model, initial_epoch, config.epochs, data.train(initial_epoch * steps), data.validation, steps,
+            phase_callbacks(directory, working_dir.root, name, 'softmax',
+                            *monitored(data.held_out, 'val_accuracy', 'max'), data.held_out.callbacks,
+                            config.average_last))
         return finish_phase(config, directory, name)
+
+
+class TripletData(NamedTuple):
+    """What the triplet phase trains on: crops indexed like kx (a memory map, validation.Rows or
+    sampler.WindowCrops) and their labels, for training and validation, the miner and batcher classes that read
+    them, and the held-out speakers."""
+    num_speakers: int
+    kx_train: object
+    ky_train: np.ndarray
+    kx_test: object
+    ky_test: np.ndarray
+    miner: type
+    batcher: Callable
+    held_out: HeldOut
+
+
+def triplet_data(config: TrainConfig, working_dir: WorkingDir, converter: KerasFormatConverter | None,
+                 directory: Path, name: str) -> TripletData:
+    """The fixed crops of the model inputs, or windows of the packed store's training utterances (fresh ones for
+    each random triplet and at each history refresh) and of its held-out utterances (drawn once); without the
+    speakers held out for `config.val_speakers`."""
+    if config.sampler == 'windows':
+        split, held_out = window_split(config, working_dir, directory, name)
+        rng = np.random.default_rng(config.seed)
+        train, test = WindowCrops(split.store, split.train, rng), WindowCrops(split.store, split.held_out, rng)
+        return TripletData(len(split.store.speakers), train, train.labels, test, test.labels, WindowMiner,
+                           partial(WindowTripletBatcher, speaker_sampling=config.speaker_sampling), held_out)
+    kx_train, ky_train, kx_test, ky_test, num_speakers, held_out = fixed_inputs(config, working_dir, converter,
+                                                                                directory, name)
+    return TripletData(num_speakers, kx_train, ky_train, kx_test, ky_test, HardNegativeMiner, TripletBatcher,
+                       held_out)
 
 
 def train_triplet(config: TrainConfig) -> Path:
@@ -264,14 +377,14 @@ def train_triplet(config: TrainConfig) -> Path:
     working_dir, converter, directory = phase_inputs(config, 'triplet')
     name = MODELS[config.model_name].name
     with training_lock(directory):
-        inputs = held_out_inputs(config, working_dir, converter, directory, name)
-        kx_train, ky_train = inputs.kx_train, inputs.ky_train
+        data = triplet_data(config, working_dir, converter, directory, name)
+        kx_train, ky_train, kx_test, ky_test = data.kx_train, data.ky_train, data.kx_test, data.ky_test
         seed, batch_size = config.seed, config.batch_size
 
         def new_model():
             pre_trained = working_dir.best_checkpoint('softmax', name)
             if pre_trained.exists():
-                check_pretrained_held_out(pre_trained.parent, inputs.held_out)
+                check_pretrained_held_out(pre_trained.parent, data.held_out.speakers)
                 dsm = build_model(str(pre_trained), config.model_name)
                 logger.info('Initialising from the softmax checkpoint %s, with its architecture.', pre_trained)
             elif config.from_scratch:
@@ -286,22 +399,23 @@ def train_triplet(config: TrainConfig) -> Path:
             return dsm.m
 
         model, initial_epoch = resumed_or_new(directory, name, new_model)
-        record_held_out(directory, inputs.held_out)
-        callbacks = phase_callbacks(directory, working_dir.root, name, 'triplet', *monitored(inputs, 'val_loss', 'min'),
-                                    inputs.validation, config.average_last)
+        record_held_out(directory, data.held_out.speakers)
+        callbacks = phase_callbacks(directory, working_dir.root, name, 'triplet',
+                                    *monitored(data.held_out, 'val_loss', 'min'), data.held_out.callbacks,
+                                    config.average_last)
         selector = random_triplets
         if config.mining != 'random':
-            selector = HardNegativeMiner(ky_train, config.mining, min(config.history_size, len(ky_train)),
-                                         seed + initial_epoch)
+            selector = data.miner(ky_train, config.mining, min(config.history_size, len(ky_train)),
+                                  seed + initial_epoch)
             callbacks.append(MiningRefresh(selector, kx_train, config.refresh_every,
                                            config.inference_batch or batch_size))
-        train_batcher = TripletBatcher(kx_train, ky_train, seed=seed + initial_epoch, selector=selector)
-        test_batcher = TripletBatcher(inputs.kx_test, inputs.ky_test, seed=seed)
+        train_batcher = data.batcher(kx_train, ky_train, seed=seed + initial_epoch, selector=selector)
+        test_batcher = data.batcher(kx_test, ky_test, seed=seed)
         validation = [test_batcher.get_batch(batch_size) for _ in range(TRIPLET_VALIDATION_BATCHES)]
         validation = (np.concatenate([x for x, _ in validation]), np.concatenate([y for _, y in validation]))
         validation = tf.data.Dataset.from_tensor_slices(validation).batch(3 * (batch_size // 3))
-        logger.info('Triplet phase: %d speakers (%d held out), %s parameters, %s triplets.', inputs.num_speakers,
-                    len(inputs.held_out), f'{model.count_params():,}', config.mining)
+        logger.info('Triplet phase: %d speakers (%d held out), %s parameters, %s triplets.', data.num_speakers,
+                    len(data.held_out.speakers), f'{model.count_params():,}', config.mining)
         fit(model, initial_epoch, config.epochs, triplet_dataset(train_batcher, batch_size), validation,
             config.steps_per_epoch or TRIPLET_STEPS_PER_EPOCH, callbacks)
         return finish_phase(config, directory, name)

@@ -21,6 +21,7 @@ from constants import (
     INPUTS_META,
     KERAS_INPUTS_SUBDIR,
     LOGS_SUBDIR,
+    PACKED_SUBDIR,
     PHASE_DIRS,
     SKIPPED_FILES_REPORT,
     TRAINING_LOCK,
@@ -30,8 +31,8 @@ logger = logging.getLogger(__name__)
 
 
 class NotBuiltError(FileNotFoundError):
-    """A pipeline step that has not run in a working dir: `step` is 'features' (the cache) or 'inputs' (the model
-    inputs); the caller names the command that builds it."""
+    """A pipeline step that has not run in a working dir: `step` is 'features' (the cache), 'inputs' (the model
+    inputs) or 'store' (the packed store); the caller names the command that builds it."""
 
     def __init__(self, working_dir: Path, step: str, what: str):
         super().__init__(f'{working_dir}: {what}.')
@@ -173,6 +174,11 @@ class WorkingDir:
     def inputs_dir(self) -> Path:
         """The model inputs: kx/ky train/test .npy, categorical_speakers.pkl and meta.json."""
         return self.root / KERAS_INPUTS_SUBDIR
+
+    @property
+    def packed_dir(self) -> Path:
+        """The packed feature store (store.py): every cached utterance's frames in one memory-mappable array."""
+        return self.root / PACKED_SUBDIR
 
     def checkpoints_dir(self, phase: str) -> Path:
         """Checkpoints of the 'softmax' or 'triplet' phase."""
