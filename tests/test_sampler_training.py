@@ -13,6 +13,7 @@ from audio import Audio
 from batcher import HardNegativeMiner
 from store import pack_store
 from train import TrainConfig, train_softmax, triplet_data, triplet_dataset
+from validation import recorded_held_out
 from workdir import WorkingDir
 
 
@@ -25,18 +26,21 @@ def working_dir(tmp_path_factory, librispeech_dir) -> Path:
     return root
 
 
-def test_softmax_phase_trains_on_the_store_speakers(working_dir):
+def test_softmax_phase_trains_on_the_store_speakers_and_scores_held_out_ones(working_dir):
     best = train_softmax(TrainConfig(working_dir=str(working_dir), epochs=1, steps_per_epoch=1, width=0.0625,
-                                     batch_size=12, sampler='windows', speaker_sampling='proportional'))
+                                     batch_size=12, sampler='windows', speaker_sampling='proportional',
+                                     val_speakers=3))
     assert keras.saving.load_model(best, compile=False).output_shape[-1] == 10  # samples/: 10 speakers.
     with open(working_dir / 'checkpoints-softmax' / 'history.csv') as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 1 and 0 <= float(rows[0]['val_accuracy']) <= 1
+    assert len(rows) == 1 and 0 <= float(rows[0]['val_accuracy']) <= 1 and 0 <= float(rows[0]['val_eer']) <= 1
+    assert len(recorded_held_out(working_dir / 'checkpoints-softmax')) == 3
 
 
 def test_triplet_phase_reads_triplets_of_store_windows_through_its_dataset(working_dir):
     config = TrainConfig(working_dir=str(working_dir), sampler='windows', mining='hard', history_size=40)
-    data = triplet_data(config, WorkingDir.of(working_dir), None)
+    wd = WorkingDir.of(working_dir)
+    data = triplet_data(config, wd, None, wd.checkpoints_dir('triplet'), 'ResCNN')
     assert data.num_speakers == 10 and set(np.unique(data.ky_test)) <= set(np.unique(data.ky_train))
     miner = data.miner(data.ky_train, config.mining, config.history_size, seed=0)
     assert isinstance(miner, HardNegativeMiner)
