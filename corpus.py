@@ -17,6 +17,7 @@ import csv
 import logging
 import os
 import re
+import shlex
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -27,7 +28,8 @@ from constants import AUDIO_EXTENSIONS, AUGMENTED_MARK, CONVERTIBLE_EXTENSIONS, 
 logger = logging.getLogger(__name__)
 
 M4A_CONVERSION = ("find {dir} -name '*.m4a' -print0 | xargs -0 -P \"$(nproc)\" -I{{}} sh -c "
-                  "'ffmpeg -nostdin -loglevel error -n -i \"$1\" -ac 1 -ar 16000 \"${{1%.m4a}}.wav\"' _ {{}}")
+                  "'[ -f \"${{1%.m4a}}.wav\" ] || {{ ffmpeg -nostdin -loglevel error -y -i \"$1\" -ac 1 -ar 16000 -f wav \"${{1%.m4a}}.wav.part\" "
+                  "&& mv \"${{1%.m4a}}.wav.part\" \"${{1%.m4a}}.wav\"; }}' _ {{}}")  # a .part file is not audio.
 
 
 class CorpusError(ValueError):
@@ -136,7 +138,7 @@ def unconverted(directory: str, files: list[tuple[str, ...]], convertible: list[
         raise CorpusError('audio_dir', f'{directory}: {len(missing)} .m4a files (e.g. '
                                        f'{os.path.join(directory, *missing[0])}), which libsndfile cannot read; '
                                        f'convert them to wav beside them (needs ffmpeg), then run again: '
-                                       f'{M4A_CONVERSION.format(dir=directory)}')
+                                       f"{M4A_CONVERSION.format(dir=shlex.quote(directory))}")
 
 
 def folder_corpus(audio_dir: Path) -> Corpus:
