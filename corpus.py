@@ -27,9 +27,11 @@ from constants import AUDIO_EXTENSIONS, AUGMENTED_MARK, CONVERTIBLE_EXTENSIONS, 
 
 logger = logging.getLogger(__name__)
 
+# The conversion of VoxCeleb2's .m4a to 16 kHz mono wav beside each file, in parallel, skipping converted ones;
+# written to .wav.part first, so an interrupted conversion is not read as audio.
 M4A_CONVERSION = ("find {dir} -name '*.m4a' -print0 | xargs -0 -P \"$(nproc)\" -I{{}} sh -c "
-                  "'[ -f \"${{1%.m4a}}.wav\" ] || {{ ffmpeg -nostdin -loglevel error -y -i \"$1\" -ac 1 -ar 16000 -f wav \"${{1%.m4a}}.wav.part\" "
-                  "&& mv \"${{1%.m4a}}.wav.part\" \"${{1%.m4a}}.wav\"; }}' _ {{}}")  # a .part file is not audio.
+                  "'[ -f \"${{1%.m4a}}.wav\" ] || {{ ffmpeg -nostdin -loglevel error -y -i \"$1\" -ac 1 -ar 16000 "
+                  "-f wav \"${{1%.m4a}}.wav.part\" && mv \"${{1%.m4a}}.wav.part\" \"${{1%.m4a}}.wav\"; }}' _ {{}}")
 
 
 class CorpusError(ValueError):
