@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Downloads, checks and extracts LibriSpeech subsets (default: train-clean-100) into <working_dir>/LibriSpeech.
-#   bash download_librispeech.sh [working_dir] [subset ...]
+#   bash download_librispeech.sh [working_dir] [subset ...]   (working_dir: an existing folder or a path with a /)
 #   subsets: train-clean-100 train-clean-360 train-other-500 dev-clean dev-other test-clean test-other
 #   (train-clean-100 + train-clean-360 is "460 h"; the three train subsets are "960 h")
 # Resumable: a partial archive continues (wget -c / curl -C -), an extracted subset (marked LibriSpeech/.<subset>.done)
@@ -26,14 +26,16 @@ if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then
   exit 0
 fi
 WORKING_DIR="$HOME/.deep-speaker-wd"
-if [ $# -gt 0 ] && [ -z "${MD5[$1]+set}" ]; then  # the first argument is the working dir unless it is a subset.
+# The first argument is the working dir when it is a path (holds a "/") or an existing folder; else a subset.
+if [ $# -gt 0 ] && [ -z "${MD5[$1]+set}" ] && { [[ "$1" == */* ]] || [ -d "$1" ]; }; then
   WORKING_DIR="$1"
   shift
 fi
 SUBSETS=("${@:-train-clean-100}")
 for subset in "${SUBSETS[@]}"; do
   if [ -z "${MD5[$subset]+set}" ]; then
-    echo "Error: unknown LibriSpeech subset '$subset'; choose among: $NAMES." >&2
+    echo "Error: unknown LibriSpeech subset '$subset'; choose among: $NAMES (a new working dir is a path:" \
+         "./$subset)." >&2
     exit 2
   fi
 done

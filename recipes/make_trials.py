@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from audio import find_audio_files  # noqa: E402
+from constants import AUDIO_EXTENSIONS  # noqa: E402
+from corpus import walk_files  # noqa: E402
 
 logger = logging.getLogger('make_trials')
 
@@ -32,7 +33,7 @@ def transcripts(audio_dir: Path) -> dict[str, str]:
 def trial_lines(audio_dir: Path) -> tuple[list[str], int]:
     """The trial lines `label a b` of every pair of utterances of `audio_dir` (speaker = first folder), sorted by
     path; and how many same-text pairs were left out."""
-    files = [p.relative_to(audio_dir) for p in find_audio_files(str(audio_dir)) if p.parent != audio_dir]
+    files = [Path(*parts) for parts in walk_files(str(audio_dir), AUDIO_EXTENSIONS) if len(parts) > 1]
     texts = transcripts(audio_dir)
     lines, same_text = [], 0
     for a, b in itertools.combinations(files, 2):
