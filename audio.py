@@ -193,12 +193,13 @@ def _cache_one(job: tuple[str, str, int, Augmentation | None]) -> tuple[str, str
 class Audio:
     """Per-utterance fbank cache `<working_dir>/audio-fbanks/<speaker>/<utterance>.npy` and its speaker index.
 
-    Names (see cache_name): the speaker is the first folder under --audio_dir; the utterance is the path under it,
-    extension kept, '/' written %2F (and '%', '~', a leading '.' escaped the same way), so no two files share a
-    name: `1688/142285/1688-142285-0002.flac` -> `1688/142285%2F1688-142285-0002.flac.npy`, `alice/utt0.wav` ->
-    `alice/utt0.wav.npy`. The file `cache-format` records this scheme. A cache of the earlier version (named by file
-    stem, which lost same-named utterances of one speaker) is still read as it is; building into it first renames
-    its files to this scheme (see _upgrade_earlier_cache), so nothing is computed again but the lost utterances.
+    Names (see corpus.py; a CSV manifest or a Kaldi data dir names them its own way): the speaker is the first
+    folder under --audio_dir; the utterance is the path under it, extension kept, '/' written %2F (and '%', '~', a
+    leading '.' escaped the same way), so no two files share a name: `1688/142285/1688-142285-0002.flac` ->
+    `1688/142285%2F1688-142285-0002.flac.npy`, `alice/utt0.wav` -> `alice/utt0.wav.npy`. The file `cache-format`
+    records this scheme. A cache of the earlier version (named by file stem, which lost same-named utterances of
+    one speaker) is still read as it is; building into it first renames its files to this scheme (see
+    _upgrade_earlier_cache), so nothing is computed again but the lost utterances.
     """
 
     def __init__(self, cache_dir: 'str | WorkingDir', audio_dir: str | None = None, sample_rate: int = SAMPLE_RATE,
@@ -352,7 +353,7 @@ class Audio:
             remove_orphan_temp_files(self.cache_dir, '*/.*.tmp.npy', owned)
         self._report_skipped(errors, shard)
         cached = {(folder, name[:-len('.npy')]) for folder, names in self.cached_names().items() for name in names}
-        if unusable := speakers_without_audio(Corpus(corpus.layout, mine, []), cached):
+        if unusable := speakers_without_audio(mine, cached):
             logger.warning('%d speakers have no usable audio (every file of theirs is skipped, see the report): '
                            '%s; they are left out of the cache.', len(unusable), ', '.join(unusable[:10]) +
                            (', ...' if len(unusable) > 10 else ''))

@@ -19,7 +19,6 @@ import os
 import re
 import shlex
 import zlib
-from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -250,8 +249,6 @@ def kaldi_corpus(wav_scp: Path, utt2spk: Path) -> Corpus:
     return Corpus(f'Kaldi data dir {wav_scp} + {utt2spk}', sorted(utterances), [])
 
 
-def speakers_without_audio(corpus: Corpus, cached: set[tuple[str, str]]) -> list[str]:
-    """The speakers of `corpus` none of whose utterances is in `cached` ((speaker, name) pairs)."""
-    counts = Counter(u.speaker for u in corpus.utterances if (u.speaker, u.name) in cached)
-    return sorted({u.speaker for u in corpus.utterances} - set(counts))
-
+def speakers_without_audio(utterances: list[Utterance], cached: set[tuple[str, str]]) -> list[str]:
+    """The speakers of `utterances` none of whose utterances is in `cached` ((speaker, name) pairs), sorted."""
+    return sorted({u.speaker for u in utterances} - {u.speaker for u in utterances if (u.speaker, u.name) in cached})
