@@ -106,6 +106,7 @@ SKIPPED_FILES_REPORT = 'skipped-files.txt'
 SKIPPED_FILES_SHARD_REPORT = 'skipped-files-{index}-of-{count}.txt'  # build-mfcc-cache --shard K/N: one per part.
 CACHE_JOBS_PER_WORKER = 16  # chunks of work per pool worker: balance against per-chunk overhead.
 MAX_CACHE_CHUNK = 64  # files per chunk at most, so the progress bar moves on large corpora.
+CACHE_WORKER_BLAS_THREADS = 1  # per cache build worker: the workers fill the cores (see audio.worker_pool).
 CACHE_FORMAT_FILE = 'cache-format'  # in CACHE_SUBDIR: the naming scheme of the cached files.
 CACHE_FORMAT = '2'  # 2: <speaker>/<path under the speaker folder, extension kept, escaped>.npy; 1 (no file): stem.
 VERIFY_BLOCK_FRAMES = 65536  # frames of a cached array checked for NaN at once (16 MB).
