@@ -43,7 +43,7 @@ from features import mel_matrix as mel_matrix
 from features import mfcc_fbank as mfcc_fbank
 from features import normalize_frames as normalize_frames
 from features import read_audio, trim_silence, trimmed_features
-from workdir import WorkingDir, atomic_path, remove_orphan_temp_files
+from workdir import WorkingDir, atomic_path, remove_orphan_temp_files, remove_orphans
 
 logger = logging.getLogger(__name__)
 
@@ -219,36 +219,43 @@ class Audio:
         self.cache_dir = self.working_dir.cache_dir
         if audio_dir is not None:
             corpus = folder_corpus(Path(audio_dir).expanduser())
+        names = None
         if corpus is not None:
-            self.build(corpus, sample_rate, workers or os.cpu_count() or 1, [None, *variants], verify, shard)
-        self.speakers_to_utterances = self._index()
+            names = self.build(corpus, sample_rate, workers or os.cpu_count() or 1, [None, *variants], verify, shard)
+        self.speakers_to_utterances = self._index(names)
 
     @property
     def speaker_ids(self) -> list[str]:
         return sorted(self.speakers_to_utterances)
 
-    def cached_names(self) -> dict[str, list[str]]:
-        """{cache folder: the names of its cached arrays, sorted}, temporary files and empty folders left out;
-        read with os.scandir (no stat per file), so indexing a cache of a million files takes seconds."""
+    def _scan(self) -> tuple[dict[str, list[str]], list[Path]]:
+        """({cache folder: the names of its cached arrays, sorted}, the temporary files of writes), empty folders
+        left out; read with os.scandir (no stat per file), so a cache of a million files is listed in seconds."""
         if not self.cache_dir.is_dir():
-            return {}
-        names = {}
+            return {}, []
+        names, temps = {}, []
         with os.scandir(self.cache_dir) as folders:
             for folder in sorted((f for f in folders if not f.name.startswith('.') and f.is_dir()),
                                  key=lambda f: f.name):
                 with os.scandir(folder.path) as entries:
-                    found = sorted(e.name for e in entries if e.name.endswith('.npy') and not e.name.startswith('.'))
-                if found:
+                    found = [e.name for e in entries if e.name.endswith('.npy')]
+                temps += [Path(folder.path, name) for name in found if name.startswith('.') and '.tmp.' in name]
+                if found := sorted(name for name in found if not name.startswith('.')):
                     names[folder.name] = found
-        return names
+        return names, temps
+
+    def cached_names(self) -> dict[str, list[str]]:
+        """{cache folder: the names of its cached arrays, sorted}, temporary files and empty folders left out."""
+        return self._scan()[0]
 
     def cached_files(self) -> list[Path]:
         """Every cached array in place (temporary files left out), sorted."""
         return [self.cache_dir / folder / name for folder, names in self.cached_names().items() for name in names]
 
-    def _index(self) -> dict[str, dict[str, Path]]:
-        return {folder: {name[:-len('.npy')]: self.cache_dir / folder / name for name in names}
-                for folder, names in self.cached_names().items()}
+    def _index(self, names: dict[str, list[str]] | None = None) -> dict[str, dict[str, Path]]:
+        """{speaker: {utterance: cached array}} of `names` (see cached_names; read when not given)."""
+        return {folder: {name[:-len('.npy')]: self.cache_dir / folder / name for name in found}
+                for folder, found in (self.cached_names() if names is None else names).items()}
 
     def _prepare_cache_dir(self, corpus: Corpus, shard: Shard | None) -> None:
         """Creates the cache directory with its format file (written atomically: shards may start together), or
@@ -332,7 +339,7 @@ class Audio:
         self.build(folder_corpus(audio_dir), sample_rate, workers, variants, verify)
 
     def build(self, corpus: Corpus, sample_rate: int, workers: int, variants: list[Augmentation | None],
-              verify: bool = False, shard: Shard | None = None) -> None:
+              verify: bool = False, shard: Shard | None = None) -> dict[str, list[str]]:
         """Caches every utterance of `corpus` (of `shard`, if given) not cached yet, in parallel; bad files are
         skipped and reported. With `verify`, damaged cached arrays are deleted first, so they are recomputed. A
         cache file that cannot be written (full disk) stops the build with a CacheError naming it, leaving every
@@ -340,7 +347,8 @@ class Audio:
         complete cache reads no audio and starts no process.
 
         Each variant (None: the clean file) is cached too: a speed change under the speaker `<speaker>~sp<f>`,
-        noise as the utterance `<utterance>~noise<i>` of the same speaker.
+        noise as the utterance `<utterance>~noise<i>` of the same speaker. Returns the cached names afterwards (see
+        cached_names).
         """
         logger.info('Corpus: %s%s.', corpus.description(), f', shard {shard}' if shard else '')
         self._prepare_cache_dir(corpus, shard)
@@ -348,31 +356,34 @@ class Audio:
         def owned(tmp: Path) -> bool:
             return shard is None or shard.holds(*owner(tmp))
 
-        if removed := remove_orphan_temp_files(self.cache_dir, '*/.*.tmp.npy', owned):
+        names, temps = self._scan()
+        if removed := remove_orphans(filter(owned, temps)):
             logger.info('Removed %d temporary files of an interrupted build.', removed)
-        if verify:
-            self.remove_damaged(shard)
+        if verify and self.remove_damaged(shard):
+            names = self.cached_names()
         mine = [u for u in corpus.utterances if shard is None or shard.holds(u.speaker, u.name)]
-        jobs = self._missing_jobs(mine, sample_rate, variants)
+        jobs = self._missing_jobs(mine, sample_rate, variants, names)
         logger.info('%d audio files, %d to compute.', len(mine), len(jobs))
         errors = list(corpus.skipped)
-        try:
-            if jobs:
+        if jobs:
+            try:
                 errors += self._compute(jobs, workers)
-        finally:  # the pool's workers are gone: the temporary files of those stopped mid-write go too.
-            remove_orphan_temp_files(self.cache_dir, '*/.*.tmp.npy', owned)
+            finally:  # the pool's workers are gone: the temporary files of those stopped mid-write go too.
+                remove_orphan_temp_files(self.cache_dir, '*/.*.tmp.npy', owned)
+            names = self.cached_names()
         self._report_skipped(errors, shard)
-        cached = {(folder, name[:-len('.npy')]) for folder, names in self.cached_names().items() for name in names}
+        cached = {(folder, name[:-len('.npy')]) for folder, found in names.items() for name in found}
         if unusable := speakers_without_audio(mine, cached):
             logger.warning('%d speakers have no usable audio (every file of theirs is skipped, see the report): '
                            '%s; they are left out of the cache.', len(unusable), ', '.join(unusable[:10]) +
                            (', ...' if len(unusable) > 10 else ''))
+        return names
 
-    def _missing_jobs(self, utterances: list, sample_rate: int,
-                      variants: list[Augmentation | None]) -> list[tuple[str, str, int, Augmentation | None]]:
-        """The pool jobs (audio file, cache file, rate, variant) of the arrays not cached yet; creates their
-        folders."""
-        cached = {folder: set(names) for folder, names in self.cached_names().items()}
+    def _missing_jobs(self, utterances: list, sample_rate: int, variants: list[Augmentation | None],
+                      names: dict[str, list[str]]) -> list[tuple[str, str, int, Augmentation | None]]:
+        """The pool jobs (audio file, cache file, rate, variant) of the arrays not among the cached `names` yet;
+        creates their folders."""
+        cached = {folder: set(found) for folder, found in names.items()}
         jobs = []
         for utterance in utterances:
             for variant in variants:

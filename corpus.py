@@ -33,6 +33,9 @@ M4A_CONVERSION = ("find {dir} -name '*.m4a' -print0 | xargs -0 -P \"$(nproc)\" -
                   "-f wav \"${{1%.m4a}}.wav.part\" && mv \"${{1%.m4a}}.wav.part\" \"${{1%.m4a}}.wav\"; }}' _ {{}}")
 
 
+ESCAPES = str.maketrans({c: f'%{ord(c):02X}' for c in f'%/\\{AUGMENTED_MARK}'})  # escape_name's characters.
+
+
 class CorpusError(ValueError):
     """A corpus that cannot be read as given; `source` is what named it ('audio_dir', 'manifest', 'wav_scp' or
     'utt2spk'), for the caller to name the option; the message names the file (and line) and the fix."""
@@ -92,7 +95,7 @@ def escape_name(text: str) -> str:
     """`text` with '%', '/', '\\', the augmentation mark '~' and a leading '.' percent-encoded (as %25, %2F, ...):
     a one-to-one map (urllib.parse.unquote inverts it) onto names with no path separator, no augmentation mark
     and no leading dot (the mark of temporary files)."""
-    escaped = ''.join(f'%{ord(c):02X}' if c in f'%/\\{AUGMENTED_MARK}' else c for c in text)
+    escaped = text.translate(ESCAPES)
     return f'%2E{escaped[1:]}' if escaped.startswith('.') else escaped
 
 

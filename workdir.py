@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,8 +84,13 @@ def remove_orphan_temp_files(directory: Path, pattern: str, owned: Callable[[Pat
     writing process is gone (a killed build or training run) and that are `owned` (a cache build --shard leaves
     the other parts' files alone: their writers may run on other machines); returns how many. Files of live
     writers stay."""
-    orphans = [tmp for tmp in directory.glob(pattern)
-               if owned(tmp) and not process_is_alive(int(tmp.name.rsplit('.', 3)[-3].split('-')[0]))]
+    return remove_orphans(tmp for tmp in directory.glob(pattern) if owned(tmp))
+
+
+def remove_orphans(temp_files: Iterable[Path]) -> int:
+    """Deletes those of `temp_files` (`.<name>.<pid>-<random>.tmp.<ext>`) whose writing process is gone; returns
+    how many."""
+    orphans = [tmp for tmp in temp_files if not process_is_alive(int(tmp.name.rsplit('.', 3)[-3].split('-')[0]))]
     for tmp in orphans:
         tmp.unlink(missing_ok=True)
     return len(orphans)
