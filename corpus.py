@@ -152,8 +152,9 @@ def folder_corpus(audio_dir: Path) -> Corpus:
     if not audio_dir.is_dir():
         raise FileNotFoundError(f'--audio_dir {audio_dir}: no such directory.')
     found = walk_files(str(audio_dir), AUDIO_EXTENSIONS + CONVERTIBLE_EXTENSIONS)
-    files = [parts for parts in found if os.path.splitext(parts[-1])[1].lower() in AUDIO_EXTENSIONS]
-    unconverted(str(audio_dir), files, [parts for parts in found if parts not in set(files)])
+    readable = [os.path.splitext(parts[-1])[1].lower() in AUDIO_EXTENSIONS for parts in found]
+    files = [parts for parts, ok in zip(found, readable, strict=True) if ok]
+    unconverted(str(audio_dir), files, [parts for parts, ok in zip(found, readable, strict=True) if not ok])
     if not files:
         raise FileNotFoundError(f'--audio_dir {audio_dir}: no audio files ({", ".join(AUDIO_EXTENSIONS)}); '
                                 f'expected speaker/chapter/utterance.flac (LibriSpeech) or speaker/utterance.wav.')
