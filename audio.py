@@ -8,6 +8,7 @@ normalised fbank features, as in the original. Imports features, workdir and con
 
 import logging
 import os
+import sys
 import zlib
 from collections import defaultdict
 from multiprocessing import get_context
@@ -22,11 +23,18 @@ from constants import (
     AUGMENTED_MARK,
     CACHE_FORMAT,
     CACHE_FORMAT_FILE,
+    CACHE_JOBS_PER_WORKER,
+    CACHE_WORKER_BLAS_THREADS,
+    MAX_CACHE_CHUNK,
     NUM_FBANKS,
     SAMPLE_RATE,
+    SKIPPED_FILES_SHARD_REPORT,
     SPEED_FACTORS,
     VERIFY_BLOCK_FRAMES,
 )
+from corpus import Corpus, Shard, folder_corpus, speakers_without_audio, walk_files
+from corpus import cache_name as cache_name
+from corpus import escape_name as escape_name
 from features import AudioError as AudioError
 from features import fbank as fbank
 from features import frame_length as frame_length
@@ -35,7 +43,7 @@ from features import mel_matrix as mel_matrix
 from features import mfcc_fbank as mfcc_fbank
 from features import normalize_frames as normalize_frames
 from features import read_audio, trim_silence, trimmed_features
-from workdir import WorkingDir, atomic_path, remove_orphan_temp_files
+from workdir import WorkingDir, atomic_path, remove_orphan_temp_files, remove_orphans
 
 logger = logging.getLogger(__name__)
 
@@ -102,24 +110,8 @@ def read_mfcc(input_filename: str, sample_rate: int = SAMPLE_RATE,
 
 
 def find_audio_files(audio_dir: str) -> list[Path]:
-    """Every .flac/.wav under `audio_dir`, sorted."""
-    return sorted(p for p in Path(audio_dir).rglob('*') if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
-
-
-def escape_name(text: str) -> str:
-    """`text` with '%', '/', '\\', the augmentation mark '~' and a leading '.' percent-encoded (as %25, %2F, ...):
-    a one-to-one map (urllib.parse.unquote inverts it) onto names with no path separator, no augmentation mark
-    and no leading dot (the mark of temporary files)."""
-    escaped = ''.join(f'%{ord(c):02X}' if c in f'%/\\{AUGMENTED_MARK}' else c for c in text)
-    return f'%2E{escaped[1:]}' if escaped.startswith('.') else escaped
-
-
-def cache_name(audio_file: Path, audio_dir: Path) -> tuple[str, str]:
-    """(speaker, utterance) of a file under `audio_dir`: the speaker is the first folder under `audio_dir`, the
-    utterance the rest of the path, extension kept, both escaped: `id10001/1zcIwhmdeo4/00001.wav` ->
-    ('id10001', '1zcIwhmdeo4%2F00001.wav'). Two files never share a name."""
-    speaker, *rest = audio_file.relative_to(audio_dir).parts
-    return escape_name(speaker), escape_name('/'.join(rest))
+    """Every .flac/.wav/.ogg/.mp3 under `audio_dir`, sorted (found with os.scandir: no stat per file)."""
+    return [Path(audio_dir, *parts) for parts in walk_files(str(audio_dir), AUDIO_EXTENSIONS)]
 
 
 class CacheError(OSError):
@@ -164,6 +156,30 @@ def augmentations(speed_perturb: bool, noises: list[str], snr_range: tuple[float
 SKIPPED, UNWRITABLE = 'skipped', 'unwritable'  # outcomes of a pool job that failed.
 
 
+def _single_threaded_worker() -> None:
+    """Pool initializer: one BLAS thread per worker. The workers already fill the cores; BLAS threads of their
+    own (OpenBLAS starts one per core in each process) spin-wait against each other and the other workers,
+    which took 2.5 times the CPU per file (21 ms against 8.5 ms per 12 s file, 2 workers on 2 cores)."""
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(CACHE_WORKER_BLAS_THREADS)
+
+
+def worker_pool(workers: int):
+    """A process pool for the cache build. Forked (workers start in milliseconds, importing nothing) unless
+    TensorFlow is loaded in this process, whose threads make fork unsafe: then spawned (each worker imports
+    audio.py, and the __main__ module of this process). Each worker computes with one BLAS thread."""
+    context = get_context('spawn' if 'tensorflow' in sys.modules else 'fork')
+    return context.Pool(workers, initializer=_single_threaded_worker)
+
+
+def owner(cache_file: Path) -> tuple[str, str]:
+    """The clean (speaker, utterance) names a cached array or temporary file of the cache belongs to: augmented
+    copies (`<speaker>~sp0.9/<utterance>`, `<speaker>/<utterance>~noise0`) belong to their clean utterance;
+    temporary files are `.<stem>.<pid>-<random>.tmp.npy`."""
+    stem = cache_file.name[1:].rsplit('.', 3)[0] if cache_file.name.startswith('.') else cache_file.name[:-4]
+    return cache_file.parent.name.partition(AUGMENTED_MARK)[0], stem.partition(AUGMENTED_MARK)[0]
+
+
 def _cache_one(job: tuple[str, str, int, Augmentation | None]) -> tuple[str, str] | None:
     """Pool worker: features of one file into its cache path. Returns None on success, else (SKIPPED, why the
     audio file cannot become features) or (UNWRITABLE, why the cache file cannot be written)."""
@@ -187,40 +203,63 @@ def _cache_one(job: tuple[str, str, int, Augmentation | None]) -> tuple[str, str
 class Audio:
     """Per-utterance fbank cache `<working_dir>/audio-fbanks/<speaker>/<utterance>.npy` and its speaker index.
 
-    Names (see cache_name): the speaker is the first folder under --audio_dir; the utterance is the path under it,
-    extension kept, '/' written %2F (and '%', '~', a leading '.' escaped the same way), so no two files share a
-    name: `1688/142285/1688-142285-0002.flac` -> `1688/142285%2F1688-142285-0002.flac.npy`, `alice/utt0.wav` ->
-    `alice/utt0.wav.npy`. The file `cache-format` records this scheme. A cache of the earlier version (named by file
-    stem, which lost same-named utterances of one speaker) is still read as it is; building into it first renames
-    its files to this scheme (see _upgrade_earlier_cache), so nothing is computed again but the lost utterances.
+    Names (see corpus.py; a CSV manifest or a Kaldi data dir names them its own way): the speaker is the first
+    folder under --audio_dir; the utterance is the path under it, extension kept, '/' written %2F (and '%', '~', a
+    leading '.' escaped the same way), so no two files share a name: `1688/142285/1688-142285-0002.flac` ->
+    `1688/142285%2F1688-142285-0002.flac.npy`, `alice/utt0.wav` -> `alice/utt0.wav.npy`. The file `cache-format`
+    records this scheme. A cache of the earlier version (named by file stem, which lost same-named utterances of
+    one speaker) is still read as it is; building into it first renames its files to this scheme (see
+    _upgrade_earlier_cache), so nothing is computed again but the lost utterances.
     """
 
     def __init__(self, cache_dir: 'str | WorkingDir', audio_dir: str | None = None, sample_rate: int = SAMPLE_RATE,
-                 workers: int | None = None, variants: list[Augmentation] = (), verify: bool = False):
+                 workers: int | None = None, variants: list[Augmentation] = (), verify: bool = False,
+                 corpus: Corpus | None = None, shard: Shard | None = None):
         self.working_dir = WorkingDir.of(cache_dir)  # `cache_dir`, the original's name, is the working dir.
         self.cache_dir = self.working_dir.cache_dir
         if audio_dir is not None:
-            self.build_cache(Path(audio_dir).expanduser(), sample_rate, workers or os.cpu_count() or 1,
-                             [None, *variants], verify)
-        self.speakers_to_utterances = self._index()
+            corpus = folder_corpus(Path(audio_dir).expanduser())
+        names = None
+        if corpus is not None:
+            names = self.build(corpus, sample_rate, workers or os.cpu_count() or 1, [None, *variants], verify, shard)
+        self.speakers_to_utterances = self._index(names)
 
     @property
     def speaker_ids(self) -> list[str]:
         return sorted(self.speakers_to_utterances)
 
+    def _scan(self) -> tuple[dict[str, list[str]], list[Path]]:
+        """({cache folder: the names of its cached arrays, sorted}, the temporary files of writes), empty folders
+        left out; read with os.scandir (no stat per file), so a cache of a million files is listed in seconds."""
+        if not self.cache_dir.is_dir():
+            return {}, []
+        names, temps = {}, []
+        with os.scandir(self.cache_dir) as folders:
+            for folder in sorted((f for f in folders if not f.name.startswith('.') and f.is_dir()),
+                                 key=lambda f: f.name):
+                with os.scandir(folder.path) as entries:
+                    found = [e.name for e in entries if e.name.endswith('.npy')]
+                temps += [Path(folder.path, name) for name in found if name.startswith('.') and '.tmp.' in name]
+                if found := sorted(name for name in found if not name.startswith('.')):
+                    names[folder.name] = found
+        return names, temps
+
+    def cached_names(self) -> dict[str, list[str]]:
+        """{cache folder: the names of its cached arrays, sorted}, temporary files and empty folders left out."""
+        return self._scan()[0]
+
     def cached_files(self) -> list[Path]:
         """Every cached array in place (temporary files left out), sorted."""
-        return sorted(p for p in self.cache_dir.glob('*/*.npy') if not p.name.startswith('.'))
+        return [self.cache_dir / folder / name for folder, names in self.cached_names().items() for name in names]
 
-    def _index(self) -> dict[str, dict[str, Path]]:
-        index = defaultdict(dict)
-        for cache_file in self.cached_files():
-            index[cache_file.parent.name][cache_file.stem] = cache_file
-        return dict(index)
+    def _index(self, names: dict[str, list[str]] | None = None) -> dict[str, dict[str, Path]]:
+        """{speaker: {utterance: cached array}} of `names` (see cached_names; read when not given)."""
+        return {folder: {name[:-len('.npy')]: self.cache_dir / folder / name for name in found}
+                for folder, found in (self.cached_names() if names is None else names).items()}
 
-    def _prepare_cache_dir(self, files: list[Path], audio_dir: Path) -> None:
-        """Creates the cache directory with its format file, or upgrades a cache of the earlier naming; refuses a
-        cache of an unknown format."""
+    def _prepare_cache_dir(self, corpus: Corpus, shard: Shard | None) -> None:
+        """Creates the cache directory with its format file (written atomically: shards may start together), or
+        upgrades a cache of the earlier naming; refuses a cache of an unknown format."""
         format_file = self.cache_dir / CACHE_FORMAT_FILE
         if format_file.exists():
             if (found := format_file.read_text().strip()) != CACHE_FORMAT:
@@ -228,9 +267,14 @@ class Audio:
                                  f'build into another --working_dir or delete {self.cache_dir}.')
             return
         if self.cached_files():
-            self._upgrade_earlier_cache(files, audio_dir)
+            if corpus.root is None or shard is not None:
+                raise CacheError(f'{self.cache_dir}: built by an earlier deep-speaker; upgrade it first with one '
+                                 f'build-mfcc-cache --audio_dir (no --shard) from the tree it was built from, or '
+                                 f'delete {self.cache_dir}.')
+            self._upgrade_earlier_cache([Path(u.path) for u in corpus.utterances], corpus.root)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        format_file.write_text(CACHE_FORMAT + '\n')
+        with atomic_path(format_file, tag=CACHE_FORMAT_FILE) as tmp:
+            tmp.write_text(CACHE_FORMAT + '\n')
 
     def _upgrade_earlier_cache(self, files: list[Path], audio_dir: Path) -> None:
         """Renames the files of a cache of the earlier naming (`<speaker>/<stem>.npy`, the speaker being the folder
@@ -274,10 +318,12 @@ class Audio:
         logger.info('Upgraded a cache of the earlier naming: %d files renamed, %d shared by same-named utterances '
                     'deleted (computed again).', len(moves), len(ambiguous))
 
-    def remove_damaged(self) -> int:
-        """Deletes every cached array that does not read back whole (see checked_features); returns how many."""
+    def remove_damaged(self, shard: Shard | None = None) -> int:
+        """Deletes every cached array (of `shard`, if given) that does not read back whole (see checked_features);
+        returns how many."""
         damaged = 0
-        for cache_file in tqdm(self.cached_files(), desc='Verifying fbank cache', unit='file'):
+        files = [f for f in self.cached_files() if shard is None or shard.holds(*owner(f))]
+        for cache_file in tqdm(files, desc='Verifying fbank cache', unit='file'):
             try:
                 checked_features(cache_file)
             except CacheError as e:
@@ -289,58 +335,99 @@ class Audio:
 
     def build_cache(self, audio_dir: Path, sample_rate: int, workers: int,
                     variants: list[Augmentation | None], verify: bool = False) -> None:
-        """Caches every file of `audio_dir` not cached yet, in parallel; bad files are skipped and reported. With
-        `verify`, damaged cached arrays are deleted first, so they are recomputed. Nothing is created when
-        `audio_dir` has no audio; a cache file that cannot be written (full disk) stops the build with a
-        CacheError naming it, leaving every finished file in place and no temporary file.
+        """Caches every audio file under `audio_dir` (see build and corpus.folder_corpus)."""
+        self.build(folder_corpus(audio_dir), sample_rate, workers, variants, verify)
+
+    def build(self, corpus: Corpus, sample_rate: int, workers: int, variants: list[Augmentation | None],
+              verify: bool = False, shard: Shard | None = None) -> dict[str, list[str]]:
+        """Caches every utterance of `corpus` (of `shard`, if given) not cached yet, in parallel; bad files are
+        skipped and reported. With `verify`, damaged cached arrays are deleted first, so they are recomputed. A
+        cache file that cannot be written (full disk) stops the build with a CacheError naming it, leaving every
+        finished file in place and no temporary file. What is cached is found with os.scandir, so a re-run of a
+        complete cache reads no audio and starts no process.
 
         Each variant (None: the clean file) is cached too: a speed change under the speaker `<speaker>~sp<f>`,
-        noise as the utterance `<utterance>~noise<i>` of the same speaker.
+        noise as the utterance `<utterance>~noise<i>` of the same speaker. Returns the cached names afterwards (see
+        cached_names).
         """
-        if not audio_dir.is_dir():
-            raise FileNotFoundError(f'--audio_dir {audio_dir}: no such directory.')
-        files = find_audio_files(str(audio_dir))
-        if not files:
-            raise FileNotFoundError(f'--audio_dir {audio_dir}: no audio files ({", ".join(AUDIO_EXTENSIONS)}); '
-                                    f'expected speaker/chapter/utterance.flac (LibriSpeech) or speaker/utterance.wav.')
-        self._prepare_cache_dir(files, audio_dir)
-        if removed := remove_orphan_temp_files(self.cache_dir, '*/.*.tmp.npy'):
+        logger.info('Corpus: %s%s.', corpus.description(), f', shard {shard}' if shard else '')
+        self._prepare_cache_dir(corpus, shard)
+
+        def owned(tmp: Path) -> bool:
+            return shard is None or shard.holds(*owner(tmp))
+
+        names, temps = self._scan()
+        if removed := remove_orphans(filter(owned, temps)):
             logger.info('Removed %d temporary files of an interrupted build.', removed)
-        if verify:
-            self.remove_damaged()
-        jobs, errors = [], []
-        for audio_file in files:
-            if audio_file.parent == audio_dir:
-                errors.append(f'{audio_file}: not inside a speaker folder; expected speaker/utterance.wav or '
-                              f'speaker/chapter/utterance.flac under --audio_dir.')
-                continue
+        if verify and self.remove_damaged(shard):
+            names = self.cached_names()
+        mine = [u for u in corpus.utterances if shard is None or shard.holds(u.speaker, u.name)]
+        jobs = self._missing_jobs(mine, sample_rate, variants, names)
+        logger.info('%d audio files, %d to compute.', len(mine), len(jobs))
+        errors = list(corpus.skipped)
+        if jobs:
+            try:
+                errors += self._compute(jobs, workers)
+            finally:  # the pool's workers are gone: the temporary files of those stopped mid-write go too.
+                remove_orphan_temp_files(self.cache_dir, '*/.*.tmp.npy', owned)
+            names = self.cached_names()
+        self._report_skipped(errors, shard)
+        cached = {(folder, name[:-len('.npy')]) for folder, found in names.items() for name in found}
+        if unusable := speakers_without_audio(mine, cached):
+            logger.warning('%d speakers have no usable audio (every file of theirs is skipped, see the report): '
+                           '%s; they are left out of the cache.', len(unusable), ', '.join(unusable[:10]) +
+                           (', ...' if len(unusable) > 10 else ''))
+        return names
+
+    def _missing_jobs(self, utterances: list, sample_rate: int, variants: list[Augmentation | None],
+                      names: dict[str, list[str]]) -> list[tuple[str, str, int, Augmentation | None]]:
+        """The pool jobs (audio file, cache file, rate, variant) of the arrays not among the cached `names` yet;
+        creates their folders."""
+        cached = {folder: set(found) for folder, found in names.items()}
+        jobs = []
+        for utterance in utterances:
             for variant in variants:
-                target = self.cache_path(*cache_name(audio_file, audio_dir), variant)
-                if not target.exists():
-                    target.parent.mkdir(exist_ok=True)
-                    jobs.append((str(audio_file), str(target), sample_rate, variant))
-        logger.info('%d audio files, %d to compute.', len(files), len(jobs))
-        try:
-            with get_context('spawn').Pool(workers) as pool:
-                results = pool.imap_unordered(_cache_one, jobs, chunksize=max(1, len(jobs) // (workers * 16)))
-                for failure in tqdm(results, total=len(jobs), desc='Building fbank cache', unit='file'):
-                    if failure is not None and failure[0] == UNWRITABLE:
-                        raise CacheError(failure[1])
-                    if failure is not None:
-                        errors.append(failure[1])
-        finally:  # the pool's workers are gone: the temporary files of those stopped mid-write go too.
-            remove_orphan_temp_files(self.cache_dir, '*/.*.tmp.npy')
-        self._report_skipped(errors)
+                folder, name = self.cache_location(utterance.speaker, utterance.name, variant)
+                if name not in cached.get(folder, ()):
+                    jobs.append((utterance.path, str(self.cache_dir / folder / name), sample_rate, variant))
+        for folder in {Path(job[1]).parent for job in jobs}:
+            folder.mkdir(exist_ok=True)
+        return jobs
+
+    def _compute(self, jobs: list[tuple[str, str, int, Augmentation | None]], workers: int) -> list[str]:
+        """Runs the jobs in a pool started once (forked when it can be, see worker_pool) in chunks; returns the
+        skipped files' messages; CacheError at the first file that cannot be written."""
+        workers = min(workers, len(jobs))
+        chunk = max(1, min(MAX_CACHE_CHUNK, len(jobs) // (workers * CACHE_JOBS_PER_WORKER)))
+        errors = []
+        with worker_pool(workers) as pool:
+            results = pool.imap_unordered(_cache_one, jobs, chunksize=chunk)
+            for failure in tqdm(results, total=len(jobs), desc='Building fbank cache', unit='file'):
+                if failure is not None and failure[0] == UNWRITABLE:
+                    raise CacheError(failure[1])
+                if failure is not None:
+                    errors.append(failure[1])
+        return errors
+
+    def cache_location(self, speaker: str, utterance: str, variant: Augmentation | None) -> tuple[str, str]:
+        """(cache folder, file name) of an utterance or of its augmented copy."""
+        if variant is None:
+            return speaker, f'{utterance}.npy'
+        if variant.speed != 1.0:
+            return f'{speaker}{variant.suffix}', f'{utterance}.npy'
+        return speaker, f'{utterance}{variant.suffix}.npy'
 
     def cache_path(self, speaker: str, utterance: str, variant: Augmentation | None) -> Path:
-        if variant is None:
-            return self.cache_dir / speaker / f'{utterance}.npy'
-        if variant.speed != 1.0:
-            return self.cache_dir / f'{speaker}{variant.suffix}' / f'{utterance}.npy'
-        return self.cache_dir / speaker / f'{utterance}{variant.suffix}.npy'
+        return self.cache_dir.joinpath(*self.cache_location(speaker, utterance, variant))
 
-    def _report_skipped(self, errors: list[str]) -> None:
-        report = self.working_dir.skipped_files_report
+    def skipped_files_report(self, shard: Shard | None = None) -> Path:
+        """skipped-files.txt of the working dir; one per part with --shard (parts may run at once)."""
+        if shard is None:
+            return self.working_dir.skipped_files_report
+        return self.working_dir.root / SKIPPED_FILES_SHARD_REPORT.format(index=shard.index, count=shard.count)
+
+    def _report_skipped(self, errors: list[str], shard: Shard | None) -> None:
+        report = self.skipped_files_report(shard)
         if errors:
             report.write_text('\n'.join(sorted(errors)) + '\n')
             logger.warning('Skipped %d bad audio files, listed in %s.', len(errors), report)

@@ -130,9 +130,20 @@ def version():
 
 @cli.command('build-mfcc-cache')
 @working_dir_option
-@click.option('--audio_dir', required=True, type=click.Path(),
+@click.option('--audio_dir', default=None, type=click.Path(),
               help='Audio tree: a folder per speaker, files at any depth in it: speaker/chapter/utterance.flac '
                    '(LibriSpeech), speaker/video/utterance.wav (VoxCeleb) or speaker/utterance.wav.')
+@click.option('--manifest', default=None, type=click.Path(dir_okay=False),
+              help='Instead of --audio_dir: a CSV of "path,speaker" lines (an optional first line "path,speaker" is '
+                   'a header; relative paths are read from the manifest\'s folder).')
+@click.option('--wav_scp', default=None, type=click.Path(dir_okay=False),
+              help='Instead of --audio_dir: a Kaldi wav.scp of "<utterance-id> <path>" lines (plain paths, no '
+                   'piped commands), with --utt2spk.')
+@click.option('--utt2spk', default=None, type=click.Path(dir_okay=False),
+              help='The Kaldi utt2spk of "<utterance-id> <speaker>" lines that goes with --wav_scp.')
+@click.option('--shard', default=None,
+              help='K/N: build only part K (1 to N) of N disjoint parts, so N processes or machines sharing the '
+                   'working dir build one cache together (parts are chosen by a hash of each utterance\'s name).')
 @click.option('--sample_rate', default=SAMPLE_RATE, show_default=True, type=int, help='Rate audio is resampled to.')
 @click.option('--workers', default=None, type=click.IntRange(min=1), help='Processes [default: all cores].')
 @click.option('--speed_perturb', is_flag=True,
@@ -143,10 +154,12 @@ def version():
               help='Range of the noise copies\' signal-to-noise ratio in dB, "LOW,HIGH".')
 @click.option('--verify', is_flag=True, help='First check every cached array; delete the damaged ones (listed in '
                                              'the log), so they are recomputed from --audio_dir.')
-def build_mfcc_cache(working_dir, audio_dir, sample_rate, workers, speed_perturb, noise, snr_range, verify):
-    """Caches the normalised fbank of every utterance in WORKING_DIR/audio-fbanks (resumable); augmented copies
-    with --speed_perturb and --noise (off by default)."""
+def build_mfcc_cache(working_dir, audio_dir, manifest, wav_scp, utt2spk, shard, sample_rate, workers, speed_perturb,
+                     noise, snr_range, verify):
+    """Caches the normalised fbank of every utterance of --audio_dir, --manifest or --wav_scp/--utt2spk in
+    WORKING_DIR/audio-fbanks (resumable); augmented copies with --speed_perturb and --noise (off by default)."""
     from audio import Audio, augmentations
+    from corpus import CorpusError, parse_shard
     noises = [n for n in noise.split(',') if n]
     for n in noises:
         if n not in ('white', 'pink') and not os.path.isdir(n):
@@ -154,12 +167,39 @@ def build_mfcc_cache(working_dir, audio_dir, sample_rate, workers, speed_perturb
     snr = tuple(comma_list(snr_range, '--snr_range', '"LOW,HIGH" in dB, e.g. 5,20', float,
                            lambda values: len(values) == 2 and values[0] <= values[1]))
     try:
-        audio = Audio(WorkingDir.of(working_dir), audio_dir=audio_dir, sample_rate=sample_rate, workers=workers,
-                      variants=augmentations(speed_perturb, noises, snr), verify=verify)
+        part = parse_shard(shard) if shard is not None else None
+    except ValueError as e:
+        fail(f'--shard {e}.')
+    try:
+        corpus = read_corpus(audio_dir, manifest, wav_scp, utt2spk)
+        audio = Audio(WorkingDir.of(working_dir), sample_rate=sample_rate, workers=workers,
+                      variants=augmentations(speed_perturb, noises, snr), verify=verify, corpus=corpus, shard=part)
+    except CorpusError as e:
+        fail(f'--{e.source} {e}')
     except OSError as e:
         fail(os_error_message(e))
     num_utterances = sum(len(u) for u in audio.speakers_to_utterances.values())
     logger.info('Cache holds %d utterances of %d speakers.', num_utterances, len(audio.speaker_ids))
+
+
+def read_corpus(audio_dir: str | None, manifest: str | None, wav_scp: str | None, utt2spk: str | None):
+    """The corpus of exactly one source: a folder tree, a CSV manifest or a Kaldi wav.scp with its utt2spk."""
+    from corpus import folder_corpus, kaldi_corpus, manifest_corpus
+    given = [option for option, value in (('--audio_dir', audio_dir), ('--manifest', manifest),
+                                          ('--wav_scp', wav_scp or utt2spk)) if value]
+    if len(given) != 1:
+        fail(f'{" and ".join(given) or "no audio"}: give exactly one of --audio_dir, --manifest or --wav_scp with '
+             f'--utt2spk.')
+    if (wav_scp is None) != (utt2spk is None):
+        fail('--wav_scp and --utt2spk go together: give both files of the Kaldi data dir.')
+    for option, path in (('--manifest', manifest), ('--wav_scp', wav_scp), ('--utt2spk', utt2spk)):
+        if path is not None and not os.path.isfile(path):
+            fail(f'{option} {path}: no such file.')
+    if audio_dir is not None:
+        return folder_corpus(Path(audio_dir).expanduser())
+    if manifest is not None:
+        return manifest_corpus(Path(manifest).expanduser())
+    return kaldi_corpus(Path(wav_scp).expanduser(), Path(utt2spk).expanduser())
 
 
 @cli.command('build-keras-inputs')

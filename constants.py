@@ -17,6 +17,8 @@ SILENCE_PERCENTILE = 95  # samples louder than this percentile of |x| mark the s
 NORMALIZE_EPSILON = 1e-12  # floor of a frame's standard deviation.
 FBANK_BLOCK_FRAMES = 4096  # frames transformed at once (about 17 MB of spectra): long files stay bounded.
 AUDIO_EXTENSIONS = ('.flac', '.wav', '.ogg', '.mp3')  # formats libsndfile reads: folder scans and uploads.
+CONVERTIBLE_EXTENSIONS = ('.m4a',)  # VoxCeleb2's AAC: libsndfile cannot read it; a cache build says how to convert.
+MANIFEST_HEADER = ('path', 'speaker')  # the columns of a CSV manifest (build-mfcc-cache --manifest).
 
 # Augmentation (cache variants).
 AUGMENTED_MARK = '~'  # in a cached speaker or utterance name: an augmented copy (excluded from evaluation).
@@ -125,6 +127,10 @@ SERVICE_TOKEN_ENV = 'DEEP_SPEAKER_TOKEN'  # environment variable of the bearer t
 DEFAULT_WORKING_DIR = os.path.expanduser('~/.deep-speaker-wd')
 CACHE_SUBDIR = 'audio-fbanks'
 SKIPPED_FILES_REPORT = 'skipped-files.txt'
+SKIPPED_FILES_SHARD_REPORT = 'skipped-files-{index}-of-{count}.txt'  # build-mfcc-cache --shard K/N: one per part.
+CACHE_JOBS_PER_WORKER = 16  # chunks of work per pool worker: balance against per-chunk overhead.
+MAX_CACHE_CHUNK = 64  # files per chunk at most, so the progress bar moves on large corpora.
+CACHE_WORKER_BLAS_THREADS = 1  # per cache build worker: the workers fill the cores (see audio.worker_pool).
 CACHE_FORMAT_FILE = 'cache-format'  # in CACHE_SUBDIR: the naming scheme of the cached files.
 CACHE_FORMAT = '2'  # 2: <speaker>/<path under the speaker folder, extension kept, escaped>.npy; 1 (no file): stem.
 VERIFY_BLOCK_FRAMES = 65536  # frames of a cached array checked for NaN at once (16 MB).

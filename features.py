@@ -94,7 +94,9 @@ def fbank(signal: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     energies = np.empty((num_frames, NUM_FBANKS), dtype=np.float32)
     for start in range(0, num_frames, FBANK_BLOCK_FRAMES):  # blocks bound the memory of long files.
         power = np.square(np.abs(np.fft.rfft(frames[start:start + FBANK_BLOCK_FRAMES], NFFT))) / NFFT
-        energies[start:start + FBANK_BLOCK_FRAMES] = power.astype(np.float32) @ mel_matrix(sample_rate)
+        # A float64 product rounded to float32: the same features whatever BLAS's thread count (the cache build's
+        # workers run one thread each, an embedding process several), which a float32 product is not.
+        energies[start:start + FBANK_BLOCK_FRAMES] = power @ mel_matrix(sample_rate).astype(np.float64)
     energies[energies == 0] = np.finfo(float).eps
     return energies
 

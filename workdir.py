@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,11 +97,18 @@ def process_is_alive(pid: int) -> bool:
         return True
 
 
-def remove_orphan_temp_files(directory: Path, pattern: str) -> int:
+def remove_orphan_temp_files(directory: Path, pattern: str, owned: Callable[[Path], bool] = lambda tmp: True) -> int:
     """Deletes the temporary files `.<name>.<pid>-<random>.tmp.<ext>` matching `pattern` in `directory` whose
-    writing process is gone (a killed build or training run); returns how many. Files of live writers stay."""
-    orphans = [tmp for tmp in directory.glob(pattern)
-               if not process_is_alive(int(tmp.name.rsplit('.', 3)[-3].split('-')[0]))]
+    writing process is gone (a killed build or training run) and that are `owned` (a cache build --shard leaves
+    the other parts' files alone: their writers may run on other machines); returns how many. Files of live
+    writers stay."""
+    return remove_orphans(tmp for tmp in directory.glob(pattern) if owned(tmp))
+
+
+def remove_orphans(temp_files: Iterable[Path]) -> int:
+    """Deletes those of `temp_files` (`.<name>.<pid>-<random>.tmp.<ext>`) whose writing process is gone; returns
+    how many."""
+    orphans = [tmp for tmp in temp_files if not process_is_alive(int(tmp.name.rsplit('.', 3)[-3].split('-')[0]))]
     for tmp in orphans:
         tmp.unlink(missing_ok=True)
     return len(orphans)
