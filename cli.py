@@ -16,22 +16,32 @@ from pathlib import Path
 import click
 
 from constants import (
+    AAM_SOFTMAX_MARGIN,
+    AM_SOFTMAX_MARGIN,
     BATCH_SIZE,
+    CHANNEL_AUGMENTATIONS,
+    CHANNEL_SNR_RANGE_DB,
     CHECKPOINTS_TRIPLET_DIR,
+    CLASSIFICATION_LOSSES,
     COUNTS_PER_SPEAKER,
     DCF_P_TARGET,
     DEFAULT_CHECKPOINT,
     DEFAULT_EPOCHS,
+    DEFAULT_LOSS,
     DEFAULT_SEED,
     DEFAULT_TOP_K,
     DEFAULT_TRIPLET_MINING,
     DEFAULT_WORKING_DIR,
     EXPORT_FORMATS,
+    MARGIN_RANGE,
+    MARGIN_SCALE,
     MINING_HISTORY_SIZE,
     MINING_REFRESH_EVERY,
     NUM_FRAMES,
     OPERATING_POINTS,
+    RT60_RANGE_S,
     SAMPLE_RATE,
+    SCALE_RANGE,
     SERVICE_HOST,
     SERVICE_MAX_SECONDS,
     SERVICE_MAX_UPLOAD_MB,
@@ -40,6 +50,8 @@ from constants import (
     SERVICE_TOKEN_ENV,
     SNR_RANGE_DB,
     SOFTMAX_LEARNING_RATE,
+    SPEC_AUGMENT_FREQ_MASKS,
+    SPEC_AUGMENT_TIME_MASKS,
     TDNN_FRAME_LAYERS,
     TRIPLET_LEARNING_RATE,
     TRIPLET_MINING_MODES,
@@ -65,9 +77,9 @@ checkpoint_width_option = click.option(
     '--width', default=None, type=click.FloatRange(min=0.01),
     help='Width of a .h5 or .weights.h5 checkpoint\'s model [default: read from a .keras file, else 1.0].')
 model_option = click.option('--model', default='rescnn', show_default=True,
-                            type=click.Choice(['rescnn', 'tdnn', 'gru']),
-                            help='Architecture: ResCNN (paper), TDNN (x-vector) or GRU (paper). A .keras checkpoint '
-                                 'says its own.')
+                            type=click.Choice(['rescnn', 'tdnn', 'gru', 'ecapa']),
+                            help='Architecture: ResCNN (paper), TDNN (x-vector), GRU (paper) or ECAPA-TDNN. A .keras '
+                                 'checkpoint says its own.')
 seed_option = click.option('--seed', default=DEFAULT_SEED, show_default=True, type=int,
                            help='Seed of crop sampling, batch construction and weight initialisation.')
 
@@ -133,11 +145,17 @@ def version():
                                          'pink, or a directory of noise files (e.g. MUSAN noise).')
 @click.option('--snr_range', default=','.join(f'{x:g}' for x in SNR_RANGE_DB), show_default=True,
               help='Range of the noise copies\' signal-to-noise ratio in dB, "LOW,HIGH".')
+@click.option('--augment', default='',
+              help='Also cache a copy per entry of this comma-separated list of channels: reverb (synthetic room '
+                   f'response, RT60 {RT60_RANGE_S[0]:g}-{RT60_RANGE_S[1]:g} s), telephone (8 kHz, 300-3400 Hz, '
+                   '8-bit mu-law), babble (3-6 other speakers of --audio_dir), white (noise); babble and white at '
+                   f'{CHANNEL_SNR_RANGE_DB[0]:g}-{CHANNEL_SNR_RANGE_DB[1]:g} dB SNR. Strengths drawn per file, '
+                   'seeded by its name.')
 @click.option('--verify', is_flag=True, help='First check every cached array; delete the damaged ones (listed in '
                                              'the log), so they are recomputed from --audio_dir.')
-def build_mfcc_cache(working_dir, audio_dir, sample_rate, workers, speed_perturb, noise, snr_range, verify):
+def build_mfcc_cache(working_dir, audio_dir, sample_rate, workers, speed_perturb, noise, snr_range, augment, verify):
     """Caches the normalised fbank of every utterance in WORKING_DIR/audio-fbanks (resumable); augmented copies
-    with --speed_perturb and --noise (off by default)."""
+    with --speed_perturb, --noise and --augment (off by default)."""
     from audio import Audio, augmentations
     noises = [n for n in noise.split(',') if n]
     for n in noises:
@@ -145,9 +163,12 @@ def build_mfcc_cache(working_dir, audio_dir, sample_rate, workers, speed_perturb
             fail(f'--noise {n}: expected white, pink or a directory of noise files.')
     snr = tuple(comma_list(snr_range, '--snr_range', '"LOW,HIGH" in dB, e.g. 5,20', float,
                            lambda values: len(values) == 2 and values[0] <= values[1]))
+    channels = comma_list(augment, '--augment', f'a comma-separated list of {", ".join(CHANNEL_AUGMENTATIONS)}, '
+                          f'each once', str, lambda values: len(set(values)) == len(values) and
+                          set(values) <= set(CHANNEL_AUGMENTATIONS)) if augment else []
     try:
         audio = Audio(WorkingDir.of(working_dir), audio_dir=audio_dir, sample_rate=sample_rate, workers=workers,
-                      variants=augmentations(speed_perturb, noises, snr), verify=verify)
+                      variants=augmentations(speed_perturb, noises, snr, channels, audio_dir), verify=verify)
     except OSError as e:
         fail(os_error_message(e))
     num_utterances = sum(len(u) for u in audio.speakers_to_utterances.values())
@@ -204,25 +225,54 @@ def build_keras_inputs(working_dir, counts_per_speaker, seed):
 @click.option('--dropout', default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help='TDNN: dropout rate after each frame layer.')
 @click.option('--bn_before_relu', is_flag=True, help='TDNN: batch norm before each ReLU instead of after it.')
+@click.option('--channels', default=None, type=click.IntRange(min=8),
+              help='ECAPA: channels C of the frame layers before --width scales them (the paper: 512 or 1024) '
+                   '[default: 1024].')
+@click.option('--loss', default=DEFAULT_LOSS, show_default=True, type=click.Choice(CLASSIFICATION_LOSSES),
+              help='Softmax phase: softmax (the original), amsoftmax (additive margin, cos - m) or aamsoftmax '
+                   '(additive angular margin, cos(theta + m)), the last two over a cosine head.')
+@click.option('--margin', default=None, type=float,
+              help=f'Margin of amsoftmax/aamsoftmax, {MARGIN_RANGE[0]:g} <= m < {MARGIN_RANGE[1]:g} [default: '
+                   f'{AM_SOFTMAX_MARGIN:g} and {AAM_SOFTMAX_MARGIN:g} rad].')
+@click.option('--scale', default=None, type=float,
+              help=f'Scale s of amsoftmax/aamsoftmax logits, {SCALE_RANGE[0]:g} <= s <= {SCALE_RANGE[1]:g} '
+                   f'[default: {MARGIN_SCALE:g}].')
+@click.option('--spec_augment', is_flag=True,
+              help=f'SpecAugment every training crop (both phases): {SPEC_AUGMENT_TIME_MASKS[0]} time masks of up to '
+                   f'{SPEC_AUGMENT_TIME_MASKS[1]} frames and {SPEC_AUGMENT_FREQ_MASKS[0]} frequency masks of up to '
+                   f'{SPEC_AUGMENT_FREQ_MASKS[1]} fbank channels, seeded by --seed.')
 @seed_option
 def train_model(working_dir, pre_training_phase, from_scratch, epochs, steps_per_epoch, batch_size, learning_rate,
                 triplet_mining, history_size, refresh_every, inference_batch, model, width, tdnn_layers, dropout,
-                bn_before_relu, seed):
+                bn_before_relu, channels, loss, margin, scale, spec_augment, seed):
     """Trains one phase; checkpoints go to WORKING_DIR/checkpoints-softmax or checkpoints-triplets. The triplet
     phase (the default) starts from the best softmax checkpoint, with its architecture. One run per phase and
     working dir at a time."""
     options = tdnn_options(tdnn_layers, dropout, bn_before_relu)
     if options and model != 'tdnn':
         fail(f'--tdnn_layers, --dropout and --bn_before_relu are options of --model tdnn, not --model {model}.')
+    if channels is not None:
+        if model != 'ecapa':
+            fail(f'--channels is an option of --model ecapa, not --model {model}.')
+        options['channels'] = channels
     from batcher import InputsError
     from checkpoints import CheckpointError
+    from losses import LossOptionError, classification_loss
     from train import NoPretrainingError, TrainConfig, train_softmax, train_triplet
     from workdir import LockedError
+    if loss == 'softmax' and (margin is not None or scale is not None):
+        fail('--margin and --scale are options of --loss amsoftmax and aamsoftmax; plain softmax has neither.')
+    try:
+        classification_loss(loss, margin, scale)
+    except LossOptionError as e:
+        fail(f'--{e.option} {e.value:g}: out of range for --loss {loss}; expected {e.limit}.')
+    if not pre_training_phase and (loss != DEFAULT_LOSS or margin is not None or scale is not None):
+        logger.info('--loss, --margin and --scale set the softmax phase; the triplet phase uses the triplet loss.')
     config = TrainConfig(working_dir=working_dir, epochs=epochs, steps_per_epoch=steps_per_epoch, width=width,
                          batch_size=batch_size, seed=seed, model_name=model, learning_rate=learning_rate,
                          model_options=options, mining=triplet_mining, history_size=history_size,
                          refresh_every=refresh_every, inference_batch=inference_batch,
-                         from_scratch=from_scratch)
+                         from_scratch=from_scratch, loss=loss, margin=margin, scale=scale, spec_augment=spec_augment)
     try:
         best = (train_softmax if pre_training_phase else train_triplet)(config)
     except NoPretrainingError as e:

@@ -2,7 +2,7 @@
 streamed with tf.data from the memory-mapped model inputs, checkpointed atomically and resumed from the last
 finished epoch; the mining history is re-embedded with embedding.embed_crops.
 
-Imports checkpoints, embedding, batcher, conv_models, triplet_loss, workdir and constants."""
+Imports checkpoints, embedding, batcher, conv_models, losses, spec_augment, triplet_loss, workdir and constants."""
 
 import logging
 import math
@@ -19,6 +19,7 @@ from checkpoints import AtomicCheckpoint, CheckpointError, build_model, resumed_
 from constants import (
     BATCH_SIZE,
     DEFAULT_EPOCHS,
+    DEFAULT_LOSS,
     DEFAULT_SEED,
     DEFAULT_TRIPLET_MINING,
     DEFAULT_WORKING_DIR,
@@ -40,6 +41,8 @@ from constants import (
 )
 from conv_models import MODELS
 from embedding import embed_crops
+from losses import LOSSES, classification_loss
+from spec_augment import spec_augmented
 from triplet_loss import deep_speaker_loss
 from workdir import WorkingDir, best_checkpoint, last_checkpoint, training_lock
 
@@ -139,6 +142,10 @@ class TrainConfig:
     refresh_every: int = MINING_REFRESH_EVERY
     inference_batch: int | None = None  # crops per forward pass of a history refresh; None: batch_size.
     from_scratch: bool = False  # triplet phase: start from random weights when there is no softmax checkpoint.
+    loss: str = DEFAULT_LOSS  # softmax phase: a key of losses.LOSSES.
+    margin: float | None = None  # softmax phase, margin losses: None for the loss's default.
+    scale: float | None = None  # softmax phase, margin losses: None for the loss's default.
+    spec_augment: bool = False  # both phases: SpecAugment masks on every training crop (spec_augment.py).
 
 
 class NoPretrainingError(CheckpointError):
@@ -159,9 +166,17 @@ def phase_inputs(config: TrainConfig, phase: str) -> tuple[WorkingDir, KerasForm
     return working_dir, converter, directory
 
 
+def training_batches(dataset: tf.data.Dataset, config: TrainConfig, initial_epoch: int) -> tf.data.Dataset:
+    """The training batches, SpecAugment-masked when `config.spec_augment` (seeded by the seed and first epoch)."""
+    return spec_augmented(dataset, config.seed + initial_epoch) if config.spec_augment else dataset
+
+
 def train_softmax(config: TrainConfig) -> Path:
-    """Softmax pre-training (Adam) of the model `config.model_name` on kx_train, validated on kx_test; returns the
-    best checkpoint's path. A resumed run keeps the architecture and learning rate of its checkpoint."""
+    """Classification pre-training (Adam) of the model `config.model_name` on kx_train with `config.loss` (softmax,
+    or a margin loss over a cosine head), validated on kx_test; returns the best checkpoint's path. A resumed run
+    keeps the architecture, loss and learning rate of its checkpoint. LossOptionError for a margin or scale out of
+    range, before anything is read."""
+    loss = classification_loss(config.loss, config.margin, config.scale)
     working_dir, converter, directory = phase_inputs(config, 'softmax')
     with training_lock(directory):
         kx_train, ky_train = converter.load('train')
@@ -170,9 +185,9 @@ def train_softmax(config: TrainConfig) -> Path:
 
         def new_model():
             dsm = MODELS[config.model_name](include_softmax=True, num_speakers_softmax=num_speakers, width=config.width,
-                                            **config.model_options)
+                                            head=LOSSES[config.loss].head, **config.model_options)
             dsm.m.compile(optimizer=keras.optimizers.Adam(config.learning_rate or SOFTMAX_LEARNING_RATE),
-                          loss='sparse_categorical_crossentropy', metrics=['accuracy'])
+                          loss=loss, metrics=['accuracy'])
             return dsm.m
 
         name = MODELS[config.model_name].name
@@ -181,13 +196,22 @@ def train_softmax(config: TrainConfig) -> Path:
             raise CheckpointError(f'{last_checkpoint(directory, name)}: trained on {model.output_shape[-1]} speakers, '
                                   f'but the model inputs have {num_speakers}; delete {directory} or use another '
                                   f'--working_dir.')
-        logger.info('Softmax phase: %d speakers, %d training crops, %s parameters.', num_speakers,
-                    len(kx_train), f'{model.count_params():,}')
+        logger.info('Softmax phase: %d speakers, %d training crops, %s parameters, loss %s.', num_speakers,
+                    len(kx_train), f'{model.count_params():,}', describe_loss(model.loss))
         steps = config.steps_per_epoch or math.ceil(len(kx_train) / config.batch_size)
-        fit(model, initial_epoch, config.epochs, softmax_dataset(kx_train, ky_train, config.batch_size, config.seed),
+        train = training_batches(softmax_dataset(kx_train, ky_train, config.batch_size, config.seed), config,
+                                 initial_epoch)
+        fit(model, initial_epoch, config.epochs, train,
             softmax_dataset(kx_test, ky_test, config.batch_size, None), steps,
             phase_callbacks(directory, working_dir.root, name, 'softmax', 'val_accuracy', 'max'))
         return best_checkpoint(directory, name)
+
+
+def describe_loss(loss) -> str:
+    """'AamSoftmaxLoss margin=0.2 scale=30' for a margin loss, the class or name of any other."""
+    if hasattr(loss, 'margin'):
+        return f'{type(loss).__name__} margin={loss.margin:g} scale={loss.scale:g}'
+    return loss if isinstance(loss, str) else type(loss).__name__
 
 
 def train_triplet(config: TrainConfig) -> Path:
@@ -237,6 +261,7 @@ def train_triplet(config: TrainConfig) -> Path:
         validation = tf.data.Dataset.from_tensor_slices(validation).batch(3 * (batch_size // 3))
         logger.info('Triplet phase: %d speakers, %s parameters, %s triplets.', converter.num_speakers,
                     f'{model.count_params():,}', config.mining)
-        fit(model, initial_epoch, config.epochs, triplet_dataset(train_batcher, batch_size), validation,
+        fit(model, initial_epoch, config.epochs,
+            training_batches(triplet_dataset(train_batcher, batch_size), config, initial_epoch), validation,
             config.steps_per_epoch or TRIPLET_STEPS_PER_EPOCH, callbacks)
         return best_checkpoint(directory, name)
