@@ -1,6 +1,6 @@
 """Classification losses of the softmax (pre-training) phase and the cosine head the margin losses need.
 
-- softmax: the original recipe, a dense layer with softmax and cross-entropy.
+- softmax: the original recipe, a dense layer with softmax and Keras' sparse categorical cross-entropy.
 - amsoftmax: additive margin softmax (AM-softmax / CosFace, Wang et al. 2018): logits s * cos(theta_j) for every
   class j but the target y, whose logit is s * (cos(theta_y) - m).
 - aamsoftmax: additive angular margin softmax (AAM-softmax / ArcFace, Deng et al. 2019): the target's logit is
@@ -62,17 +62,9 @@ class CosineHead(keras.layers.Layer):
         return {**super().get_config(), 'num_classes': self.num_classes}
 
 
-class SoftmaxLoss(keras.losses.SparseCategoricalCrossentropy):
-    """The original recipe: cross-entropy of the dense head's softmax probabilities (batch, classes)."""
-
-    head = 'softmax'
-    default_margin = default_scale = None
-
-
 class MarginSoftmaxLoss(keras.losses.Loss):
     """Cross-entropy of `logits`: s times the cosines (batch, classes), the target's replaced by target_cosine."""
 
-    head = 'cosine'
     default_margin, default_scale = 0.0, MARGIN_SCALE
 
     def __init__(self, margin: float | None = None, scale: float | None = None, name: str | None = None, **kwargs):
@@ -122,8 +114,15 @@ class AamSoftmaxLoss(MarginSoftmaxLoss):
                          cosine - self.margin * math.sin(self.margin))
 
 
-LOSSES: dict[str, type[keras.losses.Loss]] = {'softmax': SoftmaxLoss, 'amsoftmax': AmSoftmaxLoss,
-                                              'aamsoftmax': AamSoftmaxLoss}
+# The original recipe's loss is Keras' own, so its checkpoints are those of the original project.
+LOSSES: dict[str, type[keras.losses.Loss]] = {'softmax': keras.losses.SparseCategoricalCrossentropy,
+                                              'amsoftmax': AmSoftmaxLoss, 'aamsoftmax': AamSoftmaxLoss}
+
+
+def head_of(name: str) -> str:
+    """The classification head the loss `name` trains (conv_models.HEADS): 'cosine' for the margin losses,
+    else 'softmax' (a dense layer with softmax)."""
+    return 'cosine' if issubclass(LOSSES[name], MarginSoftmaxLoss) else 'softmax'
 
 
 def check_range(option: str, value: float, low: float, high: float, low_open: bool, high_open: bool) -> None:
@@ -138,11 +137,10 @@ def check_range(option: str, value: float, low: float, high: float, low_open: bo
 def classification_loss(name: str, margin: float | None = None, scale: float | None = None) -> keras.losses.Loss:
     """The loss `name` (a key of LOSSES) with its margin and scale (None: the loss's default). LossOptionError for a
     margin or scale out of range, or given to plain softmax, which has none."""
-    cls = LOSSES[name]
-    if cls is SoftmaxLoss:
+    if head_of(name) == 'softmax':
         for option, value in (('margin', margin), ('scale', scale)):
             if value is not None:
                 raise LossOptionError(option, value, 'no value: plain softmax has no margin or scale (use amsoftmax '
                                                      'or aamsoftmax)')
-        return SoftmaxLoss()
-    return cls(margin, scale)
+        return LOSSES[name]()
+    return LOSSES[name](margin, scale)

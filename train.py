@@ -41,7 +41,7 @@ from constants import (
 )
 from conv_models import MODELS
 from embedding import embed_crops
-from losses import LOSSES, classification_loss
+from losses import classification_loss, head_of
 from spec_augment import spec_augmented
 from triplet_loss import deep_speaker_loss
 from workdir import WorkingDir, best_checkpoint, last_checkpoint, training_lock
@@ -185,7 +185,7 @@ def train_softmax(config: TrainConfig) -> Path:
 
         def new_model():
             dsm = MODELS[config.model_name](include_softmax=True, num_speakers_softmax=num_speakers, width=config.width,
-                                            head=LOSSES[config.loss].head, **config.model_options)
+                                            head=head_of(config.loss), **config.model_options)
             dsm.m.compile(optimizer=keras.optimizers.Adam(config.learning_rate or SOFTMAX_LEARNING_RATE),
                           loss=loss, metrics=['accuracy'])
             return dsm.m

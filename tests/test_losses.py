@@ -24,8 +24,8 @@ from losses import (  # noqa: E402
     AmSoftmaxLoss,
     CosineHead,
     LossOptionError,
-    SoftmaxLoss,
     classification_loss,
+    head_of,
 )
 from train import TrainConfig, train_softmax, train_triplet  # noqa: E402
 from workdir import WorkingDir  # noqa: E402
@@ -51,7 +51,8 @@ def numpy(x) -> np.ndarray:
 
 def test_registry_names_the_three_losses_and_their_heads():
     assert list(LOSSES) == ['softmax', 'amsoftmax', 'aamsoftmax']
-    assert [LOSSES[name].head for name in LOSSES] == ['softmax', 'cosine', 'cosine']
+    assert [head_of(name) for name in LOSSES] == ['softmax', 'cosine', 'cosine']
+    assert type(classification_loss('softmax')) is keras.losses.SparseCategoricalCrossentropy  # the original's.
 
 
 def test_am_softmax_subtracts_the_margin_from_the_target_cosine_only():
@@ -87,7 +88,8 @@ def test_a_margin_makes_the_loss_larger_and_zero_margin_is_scaled_softmax():
 def test_softmax_loss_is_the_cross_entropy_of_the_probabilities():
     probabilities = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]], dtype=np.float32)
     expected = -np.mean(np.log([0.7, 0.6]))
-    assert float(numpy(SoftmaxLoss()(np.array([0, 2]), probabilities))) == pytest.approx(expected, rel=1e-5)
+    loss = classification_loss('softmax')
+    assert float(numpy(loss(np.array([0, 2]), probabilities))) == pytest.approx(expected, rel=1e-5)
 
 
 def test_cosine_head_gives_the_cosines_of_the_embeddings_with_each_class_weight():
@@ -104,6 +106,8 @@ def test_cosine_head_gives_the_cosines_of_the_embeddings_with_each_class_weight(
 def test_defaults_are_the_literature_values():
     assert (AmSoftmaxLoss().margin, AmSoftmaxLoss().scale) == (0.2, 30.0)
     assert (AamSoftmaxLoss().margin, AamSoftmaxLoss().scale) == (0.2, 30.0)
+    with pytest.raises(LossOptionError, match='plain softmax has no margin'):
+        classification_loss('softmax', margin=0.2)
 
 
 @pytest.mark.parametrize('name', ['amsoftmax', 'aamsoftmax'])
