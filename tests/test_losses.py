@@ -140,6 +140,7 @@ def test_margin_classifier_checkpoint_round_trip(tmp_path):
     rng = np.random.default_rng(1)
     classifier = TdnnModel(include_softmax=True, num_speakers_softmax=5, width=0.0625, head='cosine')
     classifier.m.compile(optimizer='adam', loss=AamSoftmaxLoss(0.3, 20.0), metrics=['accuracy'])
+    classifier.m.optimizer.build(classifier.m.trainable_variables)  # as after a training step.
     x = rng.standard_normal((8, 160, 64, 1)).astype(np.float32)
     assert len(classifier.get_weights()) == len(classifier.m.get_weights()) - 1  # the head's one kernel left out.
     path = tmp_path / 'checkpoints' / 'TDNN_last.keras'
