@@ -71,8 +71,8 @@ working_dir_option = click.option('--working_dir', default=DEFAULT_WORKING_DIR, 
                                   type=click.Path(file_okay=False),
                                   help='Holds the feature cache, model inputs, checkpoints and logs.')
 width_option = click.option('--width', default=1.0, show_default=True, type=click.FloatRange(min=0.01),
-                            help='Multiplier of the layer sizes (ResCNN filters 64/128/256/512, TDNN and GRU units). '
-                                 '1.0 is the published size; 0.25 trains fast on a CPU.')
+                            help='Multiplier of the layer sizes (ResCNN filters 64/128/256/512, TDNN, GRU and ECAPA '
+                                 'units). 1.0 is the published size; 0.25 trains fast on a CPU.')
 checkpoint_width_option = click.option(
     '--width', default=None, type=click.FloatRange(min=0.01),
     help='Width of a .h5 or .weights.h5 checkpoint\'s model [default: read from a .keras file, else 1.0].')
@@ -233,7 +233,7 @@ def build_keras_inputs(working_dir, counts_per_speaker, seed):
                    '(additive angular margin, cos(theta + m)), the last two over a cosine head.')
 @click.option('--margin', default=None, type=float,
               help=f'Margin of amsoftmax/aamsoftmax, {MARGIN_RANGE[0]:g} <= m < {MARGIN_RANGE[1]:g} [default: '
-                   f'{AM_SOFTMAX_MARGIN:g} and {AAM_SOFTMAX_MARGIN:g} rad].')
+                   f'amsoftmax {AM_SOFTMAX_MARGIN:g} (cosine), aamsoftmax {AAM_SOFTMAX_MARGIN:g} (radians)].')
 @click.option('--scale', default=None, type=float,
               help=f'Scale s of amsoftmax/aamsoftmax logits, {SCALE_RANGE[0]:g} <= s <= {SCALE_RANGE[1]:g} '
                    f'[default: {MARGIN_SCALE:g}].')
