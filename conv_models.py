@@ -94,18 +94,23 @@ class FrameMask(layers.Layer):
         return input_shape[:2]
 
 
+def masked_mean_std(x, mask):
+    """Mean and standard deviation over time of the unmasked frames: (batch, frames, d), (batch, frames) ->
+    (batch, 2 d)."""
+    weights = keras.ops.expand_dims(mask, -1)
+    count = keras.ops.maximum(keras.ops.sum(weights, axis=1), 1.0)
+    mean = keras.ops.sum(x * weights, axis=1) / count
+    variance = keras.ops.sum(weights * keras.ops.square(x - keras.ops.expand_dims(mean, 1)), axis=1) / count
+    return keras.ops.concatenate([mean, keras.ops.sqrt(variance + STATS_POOLING_EPSILON)], axis=-1)
+
+
 @keras.saving.register_keras_serializable(package='deep_speaker')
 class StatsPooling(layers.Layer):
     """Mean and standard deviation over time of the unmasked frames: (batch, frames, d), (batch, frames) ->
     (batch, 2 d)."""
 
     def call(self, inputs):
-        x, mask = inputs
-        weights = keras.ops.expand_dims(mask, -1)
-        count = keras.ops.maximum(keras.ops.sum(weights, axis=1), 1.0)
-        mean = keras.ops.sum(x * weights, axis=1) / count
-        variance = keras.ops.sum(weights * keras.ops.square(x - keras.ops.expand_dims(mean, 1)), axis=1) / count
-        return keras.ops.concatenate([mean, keras.ops.sqrt(variance + STATS_POOLING_EPSILON)], axis=-1)
+        return masked_mean_std(*inputs)
 
     def compute_output_shape(self, input_shape):
         return input_shape[0][0], 2 * input_shape[0][-1]
@@ -131,7 +136,7 @@ class GlobalContext(layers.Layer):
 
     def call(self, inputs):
         x, mask = inputs
-        stats = keras.ops.expand_dims(StatsPooling()([x, mask]), 1)
+        stats = keras.ops.expand_dims(masked_mean_std(x, mask), 1)
         return keras.ops.concatenate([x, keras.ops.zeros_like(x[..., :1]) + stats], axis=-1)
 
     def compute_output_shape(self, input_shape):
