@@ -141,16 +141,15 @@ def babble(length: int, talkers: list[np.ndarray], rng: np.random.Generator) -> 
 @functools.lru_cache(maxsize=4)
 def speaker_files(source_dir: str) -> tuple[tuple[str, str], ...]:
     """(speaker, path) of every audio file under `source_dir` (the speaker: its first folder there), sorted."""
-    root = Path(source_dir)
-    return tuple((f.relative_to(root).parts[0], str(f)) for f in find_audio_files(source_dir)
-                 if f.parent != root)
+    root = Path(source_dir).expanduser().resolve()
+    return tuple((f.relative_to(root).parts[0], str(f)) for f in find_audio_files(str(root)) if f.parent != root)
 
 
 def babble_talkers(source_file: str, source_dir: str, rng: np.random.Generator,
                    sample_rate: int = SAMPLE_RATE) -> list[np.ndarray]:
     """BABBLE_TALKERS (3 to 6, drawn) trimmed utterances of speakers other than `source_file`'s, under
     `source_dir`; AudioError when it has no other speaker."""
-    speaker = Path(source_file).relative_to(source_dir).parts[0]
+    speaker = Path(source_file).expanduser().resolve().relative_to(Path(source_dir).expanduser().resolve()).parts[0]
     others = [path for name, path in speaker_files(source_dir) if name != speaker]
     if not others:
         raise AudioError(f'{source_dir}: no speaker but {speaker} to make babble from; babble needs the files of '
