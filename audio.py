@@ -6,7 +6,9 @@ The signal processing lives in features.py; the names the original implementatio
 normalised fbank features, as in the original. Imports features, workdir and constants only.
 """
 
+import functools
 import logging
+import math
 import os
 import sys
 import zlib
@@ -21,15 +23,22 @@ from tqdm import tqdm
 from constants import (
     AUDIO_EXTENSIONS,
     AUGMENTED_MARK,
+    BABBLE_TALKERS,
     CACHE_FORMAT,
     CACHE_FORMAT_FILE,
     CACHE_JOBS_PER_WORKER,
     CACHE_WORKER_BLAS_THREADS,
+    CHANNEL_SNR_RANGE_DB,
     MAX_CACHE_CHUNK,
+    MU_LAW_MU,
     NUM_FBANKS,
+    RT60_RANGE_S,
     SAMPLE_RATE,
     SKIPPED_FILES_SHARD_REPORT,
     SPEED_FACTORS,
+    TELEPHONE_BAND_HZ,
+    TELEPHONE_LEVEL_DB,
+    TELEPHONE_RATE,
     VERIFY_BLOCK_FRAMES,
 )
 from corpus import Corpus, Shard, folder_corpus, speakers_without_audio, walk_files
@@ -49,12 +58,16 @@ logger = logging.getLogger(__name__)
 
 
 class Augmentation(NamedTuple):
-    """A variant of an utterance for the cache: speed factor (1.0: unchanged) and additive noise (None, 'white',
-    'pink' or a noise file) at a random SNR drawn from snr_range (dB), seeded by the file name."""
+    """A variant of an utterance for the cache: speed factor (1.0: unchanged), additive noise (None, 'white',
+    'pink' or a noise file) at a random SNR drawn from snr_range (dB), and a channel (None, 'reverb', 'telephone'
+    or 'babble' from the other speakers' files under source_dir), each at a random strength seeded by the file
+    name."""
     suffix: str
     speed: float = 1.0
     noise: str | None = None
     snr_range: tuple[float, float] = (5.0, 20.0)
+    channel: str | None = None
+    source_dir: str | None = None
 
 
 def speed_perturb(audio: np.ndarray, factor: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -88,14 +101,96 @@ def add_noise(audio: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray
     return (audio + scale * noise).astype(np.float32)
 
 
-def augment(audio: np.ndarray, augmentation: Augmentation, seed_text: str, sample_rate: int = SAMPLE_RATE):
-    """Applies a speed change then additive noise; the same `seed_text` always gives the same noise."""
+def synthetic_rir(rt60: float, rng: np.random.Generator, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """A room impulse response of reverberation time `rt60` seconds: Gaussian noise under an exponential envelope
+    falling 60 dB in `rt60` (amplitude exp(-3 ln(10) t / rt60)), `rt60` long, its first sample the direct path
+    (the largest); unit energy, float32, shape (samples,)."""
+    t = np.arange(max(2, int(rt60 * sample_rate))) / sample_rate
+    rir = rng.standard_normal(len(t)) * np.exp(-3 * math.log(10) * t / rt60)
+    rir[0] = np.max(np.abs(rir))
+    return (rir / np.sqrt(np.sum(rir ** 2))).astype(np.float32)
+
+
+def reverberate(audio: np.ndarray, rir: np.ndarray) -> np.ndarray:
+    """`audio` convolved with `rir`, cut to its length and scaled back to its RMS."""
+    from scipy.signal import fftconvolve
+    wet = fftconvolve(audio, rir)[:len(audio)]
+    return (wet * np.sqrt(np.mean(audio ** 2) / max(np.mean(wet ** 2), 1e-20))).astype(np.float32)
+
+
+def mu_law(x: np.ndarray, mu: int = MU_LAW_MU) -> np.ndarray:
+    """`x` (in [-1, 1]) through an 8-bit mu-law codec: companded, quantised to mu + 1 levels, expanded."""
+    companded = np.sign(x) * np.log1p(mu * np.abs(x)) / math.log1p(mu)
+    quantised = np.round((companded + 1) / 2 * mu) / mu * 2 - 1
+    return np.sign(quantised) * ((1 + mu) ** np.abs(quantised) - 1) / mu
+
+
+def telephone(audio: np.ndarray, level_db: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """`audio` as a telephone line carries it: resampled to 8 kHz, band-passed to 300-3400 Hz (Butterworth, order
+    8), through 8-bit mu-law at a peak level of `level_db` dBFS, resampled back; same length and RMS scale."""
+    from scipy.signal import butter, resample_poly, sosfilt
+    narrow = resample_poly(audio, TELEPHONE_RATE, sample_rate)
+    band = sosfilt(butter(4, TELEPHONE_BAND_HZ, btype='bandpass', fs=TELEPHONE_RATE, output='sos'), narrow)
+    gain = 10 ** (level_db / 20) / max(np.max(np.abs(band)), 1e-20)
+    coded = mu_law(np.clip(band * gain, -1, 1)) / gain
+    return resample_poly(coded, sample_rate, TELEPHONE_RATE)[:len(audio)].astype(np.float32)
+
+
+def babble(length: int, talkers: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """The sum of `talkers` (each looped to `length` from a random start and scaled to unit RMS): (length,)."""
+    total = np.zeros(length)
+    for talker in talkers:
+        looped = np.tile(talker, -(-length // len(talker)) + 1)
+        start = int(rng.integers(0, len(talker)))
+        total += looped[start:start + length] / max(np.sqrt(np.mean(talker ** 2)), 1e-20)
+    return total.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def speaker_files(source_dir: str) -> tuple[tuple[str, str], ...]:
+    """(speaker, path) of every audio file under `source_dir` (the speaker: its first folder there), sorted."""
+    root = Path(source_dir).expanduser().resolve()
+    return tuple((f.relative_to(root).parts[0], str(f)) for f in find_audio_files(str(root)) if f.parent != root)
+
+
+def babble_talkers(source_file: str, source_dir: str, rng: np.random.Generator,
+                   sample_rate: int = SAMPLE_RATE) -> list[np.ndarray]:
+    """BABBLE_TALKERS (3 to 6, drawn) trimmed utterances of speakers other than `source_file`'s, under
+    `source_dir`; AudioError when it has no other speaker."""
+    speaker = Path(source_file).expanduser().resolve().relative_to(Path(source_dir).expanduser().resolve()).parts[0]
+    others = [path for name, path in speaker_files(source_dir) if name != speaker]
+    if not others:
+        raise AudioError(f'{source_dir}: no speaker but {speaker} to make babble from; babble needs the files of '
+                         f'other training speakers.')
+    count = min(len(others), int(rng.integers(BABBLE_TALKERS[0], BABBLE_TALKERS[1] + 1)))
+    chosen = rng.choice(len(others), size=count, replace=False)
+    return [trim_silence(read_audio(others[i], sample_rate), others[i]) for i in sorted(chosen)]
+
+
+def apply_channel(audio: np.ndarray, augmentation: Augmentation, rng: np.random.Generator, source_file: str,
+                  sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """`audio` through the augmentation's channel at a strength drawn from `rng`: reverberation of an RT60 in
+    RT60_RANGE_S, a telephone line at a peak level in TELEPHONE_LEVEL_DB, or babble at an SNR in snr_range."""
+    if augmentation.channel == 'reverb':
+        return reverberate(audio, synthetic_rir(rng.uniform(*RT60_RANGE_S), rng, sample_rate))
+    if augmentation.channel == 'telephone':
+        return telephone(audio, rng.uniform(*TELEPHONE_LEVEL_DB), sample_rate)
+    talkers = babble_talkers(source_file, augmentation.source_dir, rng, sample_rate)
+    return add_noise(audio, babble(len(audio), talkers, rng), rng.uniform(*augmentation.snr_range))
+
+
+def augment(audio: np.ndarray, augmentation: Augmentation, seed_text: str, sample_rate: int = SAMPLE_RATE,
+            source_file: str | None = None):
+    """Applies a speed change, additive noise, then the channel of `augmentation`; the same `seed_text` always
+    gives the same noise and strength. `source_file`: the file `audio` comes from (babble leaves its speaker out)."""
     if augmentation.speed != 1.0:
         audio = speed_perturb(audio, augmentation.speed, sample_rate)
+    rng = np.random.default_rng(zlib.crc32(seed_text.encode()))
     if augmentation.noise is not None:
-        rng = np.random.default_rng(zlib.crc32(seed_text.encode()))
         audio = add_noise(audio, noise_signal(augmentation.noise, len(audio), rng, sample_rate),
                           rng.uniform(*augmentation.snr_range))
+    if augmentation.channel is not None:
+        audio = apply_channel(audio, augmentation, rng, source_file or seed_text, sample_rate)
     return audio
 
 
@@ -105,7 +200,7 @@ def read_mfcc(input_filename: str, sample_rate: int = SAMPLE_RATE,
     float32, shape (frames, NUM_FBANKS)."""
     audio = trim_silence(read_audio(input_filename, sample_rate), input_filename)
     if augmentation is not None:
-        audio = augment(audio, augmentation, input_filename + augmentation.suffix, sample_rate)
+        audio = augment(audio, augmentation, input_filename + augmentation.suffix, sample_rate, input_filename)
     return trimmed_features(audio, input_filename, sample_rate)
 
 
@@ -143,13 +238,20 @@ def save_npy_atomically(path: Path, array: np.ndarray) -> None:
         np.save(tmp, array)
 
 
-def augmentations(speed_perturb: bool, noises: list[str], snr_range: tuple[float, float]) -> list[Augmentation]:
+def augmentations(speed_perturb: bool, noises: list[str], snr_range: tuple[float, float],
+                  channels: list[str] = (), source_dir: str | None = None) -> list[Augmentation]:
     """The cache variants of each utterance besides the clean one: speeds 0.9 and 1.1 (new speakers, as in
-    Kaldi recipes) and one noisy copy per noise kind or file."""
+    Kaldi recipes), one noisy copy per noise kind or file, and one copy per channel of CHANNEL_AUGMENTATIONS
+    (`<utterance>~reverb`, `~telephone`, `~babble` of the other speakers under `source_dir`, `~white`; babble and
+    white noise at CHANNEL_SNR_RANGE_DB)."""
     variants = [Augmentation(f'{AUGMENTED_MARK}sp{factor}', speed=factor) for factor in SPEED_FACTORS
                 if speed_perturb]
     variants += [Augmentation(f'{AUGMENTED_MARK}noise{i}', noise=noise, snr_range=snr_range)
                  for i, noise in enumerate(noises)]
+    for channel in channels:
+        variants.append(Augmentation(f'{AUGMENTED_MARK}{channel}', noise='white' if channel == 'white' else None,
+                                     snr_range=CHANNEL_SNR_RANGE_DB, channel=None if channel == 'white' else channel,
+                                     source_dir=source_dir))
     return variants
 
 

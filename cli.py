@@ -16,27 +16,37 @@ from pathlib import Path
 import click
 
 from constants import (
+    AAM_SOFTMAX_MARGIN,
+    AM_SOFTMAX_MARGIN,
     ASNORM_TOP,
     BATCH_SIZE,
+    CHANNEL_AUGMENTATIONS,
+    CHANNEL_SNR_RANGE_DB,
     CHECKPOINTS_TRIPLET_DIR,
+    CLASSIFICATION_LOSSES,
     COUNTS_PER_SPEAKER,
     DCF_P_TARGET,
     DEFAULT_CHECKPOINT,
     DEFAULT_EPOCHS,
+    DEFAULT_LOSS,
     DEFAULT_PACKED_DTYPE,
     DEFAULT_SEED,
     DEFAULT_TOP_K,
     DEFAULT_TRIPLET_MINING,
     DEFAULT_WORKING_DIR,
     EXPORT_FORMATS,
+    MARGIN_RANGE,
+    MARGIN_SCALE,
     MIN_TRAINING_SPEAKERS,
     MINING_HISTORY_SIZE,
     MINING_REFRESH_EVERY,
     NUM_FRAMES,
     OPERATING_POINTS,
     PACKED_DTYPES,
+    RT60_RANGE_S,
     SAMPLE_RATE,
     SAMPLERS,
+    SCALE_RANGE,
     SCORE_NORMS,
     SERVICE_HOST,
     SERVICE_MAX_SECONDS,
@@ -47,6 +57,8 @@ from constants import (
     SNR_RANGE_DB,
     SOFTMAX_LEARNING_RATE,
     SPEAKER_SAMPLINGS,
+    SPEC_AUGMENT_FREQ_MASKS,
+    SPEC_AUGMENT_TIME_MASKS,
     TDNN_FRAME_LAYERS,
     TRIPLET_LEARNING_RATE,
     TRIPLET_MINING_MODES,
@@ -66,15 +78,15 @@ working_dir_option = click.option('--working_dir', default=DEFAULT_WORKING_DIR, 
                                   type=click.Path(file_okay=False),
                                   help='Holds the feature cache, model inputs, checkpoints and logs.')
 width_option = click.option('--width', default=1.0, show_default=True, type=click.FloatRange(min=0.01),
-                            help='Multiplier of the layer sizes (ResCNN filters 64/128/256/512, TDNN and GRU units). '
-                                 '1.0 is the published size; 0.25 trains fast on a CPU.')
+                            help='Multiplier of the layer sizes (ResCNN filters 64/128/256/512, TDNN, GRU and ECAPA '
+                                 'units). 1.0 is the published size; 0.25 trains fast on a CPU.')
 checkpoint_width_option = click.option(
     '--width', default=None, type=click.FloatRange(min=0.01),
     help='Width of a .h5 or .weights.h5 checkpoint\'s model [default: read from a .keras file, else 1.0].')
 model_option = click.option('--model', default='rescnn', show_default=True,
-                            type=click.Choice(['rescnn', 'tdnn', 'gru']),
-                            help='Architecture: ResCNN (paper), TDNN (x-vector) or GRU (paper). A .keras checkpoint '
-                                 'says its own.')
+                            type=click.Choice(['rescnn', 'tdnn', 'gru', 'ecapa']),
+                            help='Architecture: ResCNN (paper), TDNN (x-vector), GRU (paper) or ECAPA-TDNN. A .keras '
+                                 'checkpoint says its own.')
 seed_option = click.option('--seed', default=DEFAULT_SEED, show_default=True, type=int,
                            help='Seed of crop sampling, batch construction and weight initialisation.')
 
@@ -152,12 +164,19 @@ def version():
                                          'pink, or a directory of noise files (e.g. MUSAN noise).')
 @click.option('--snr_range', default=','.join(f'{x:g}' for x in SNR_RANGE_DB), show_default=True,
               help='Range of the noise copies\' signal-to-noise ratio in dB, "LOW,HIGH".')
+@click.option('--augment', default='',
+              help='Also cache a copy per entry of this comma-separated list of channels: reverb (synthetic room '
+                   f'response, RT60 {RT60_RANGE_S[0]:g}-{RT60_RANGE_S[1]:g} s), telephone (8 kHz, 300-3400 Hz, '
+                   '8-bit mu-law), babble (3-6 other speakers of --audio_dir), white (noise); babble and white at '
+                   f'{CHANNEL_SNR_RANGE_DB[0]:g}-{CHANNEL_SNR_RANGE_DB[1]:g} dB SNR. Strengths drawn per file, '
+                   'seeded by its name.')
 @click.option('--verify', is_flag=True, help='First check every cached array; delete the damaged ones (listed in '
                                              'the log), so they are recomputed from --audio_dir.')
 def build_mfcc_cache(working_dir, audio_dir, manifest, wav_scp, utt2spk, shard, sample_rate, workers, speed_perturb,
-                     noise, snr_range, verify):
+                     noise, snr_range, augment, verify):
     """Caches the normalised fbank of every utterance of --audio_dir, --manifest or --wav_scp/--utt2spk in
-    WORKING_DIR/audio-fbanks (resumable); augmented copies with --speed_perturb and --noise (off by default)."""
+    WORKING_DIR/audio-fbanks (resumable); augmented copies with --speed_perturb, --noise and --augment (off by
+    default)."""
     from audio import Audio, augmentations
     from corpus import CorpusError, parse_shard
     noises = [n for n in noise.split(',') if n]
@@ -166,6 +185,12 @@ def build_mfcc_cache(working_dir, audio_dir, manifest, wav_scp, utt2spk, shard, 
             fail(f'--noise {n}: expected white, pink or a directory of noise files.')
     snr = tuple(comma_list(snr_range, '--snr_range', '"LOW,HIGH" in dB, e.g. 5,20', float,
                            lambda values: len(values) == 2 and values[0] <= values[1]))
+    channels = comma_list(augment, '--augment', f'a comma-separated list of {", ".join(CHANNEL_AUGMENTATIONS)}, '
+                          f'each once', str, lambda values: len(set(values)) == len(values) and
+                          set(values) <= set(CHANNEL_AUGMENTATIONS)) if augment else []
+    if 'babble' in channels and audio_dir is None:
+        fail('--augment babble takes its talkers from the speaker folders of --audio_dir; with --manifest or '
+             '--wav_scp leave babble out.')
     try:
         part = parse_shard(shard) if shard is not None else None
     except ValueError as e:
@@ -173,7 +198,8 @@ def build_mfcc_cache(working_dir, audio_dir, manifest, wav_scp, utt2spk, shard, 
     try:
         corpus = read_corpus(audio_dir, manifest, wav_scp, utt2spk)
         audio = Audio(WorkingDir.of(working_dir), sample_rate=sample_rate, workers=workers,
-                      variants=augmentations(speed_perturb, noises, snr), verify=verify, corpus=corpus, shard=part)
+                      variants=augmentations(speed_perturb, noises, snr, channels, audio_dir), verify=verify,
+                      corpus=corpus, shard=part)
     except CorpusError as e:
         fail(f'--{e.source} {e}')
     except OSError as e:
@@ -279,10 +305,27 @@ def build_packed_store(working_dir, dtype):
                    '(build-packed-store) at every step, validated on held-out utterances.')
 @click.option('--speaker_sampling', default='balanced', show_default=True, type=click.Choice(SPEAKER_SAMPLINGS),
               help='--sampler windows: draw speakers equally often, or in proportion to their utterances.')
+@click.option('--channels', default=None, type=click.IntRange(min=8),
+              help='ECAPA: channels C of the frame layers before --width scales them (the paper: 512 or 1024) '
+                   '[default: 1024].')
+@click.option('--loss', default=DEFAULT_LOSS, show_default=True, type=click.Choice(CLASSIFICATION_LOSSES),
+              help='Softmax phase: softmax (the original), amsoftmax (additive margin, cos - m) or aamsoftmax '
+                   '(additive angular margin, cos(theta + m)), the last two over a cosine head.')
+@click.option('--margin', default=None, type=float,
+              help=f'Margin of amsoftmax/aamsoftmax, {MARGIN_RANGE[0]:g} <= m < {MARGIN_RANGE[1]:g} [default: '
+                   f'amsoftmax {AM_SOFTMAX_MARGIN:g} (cosine), aamsoftmax {AAM_SOFTMAX_MARGIN:g} (radians)].')
+@click.option('--scale', default=None, type=float,
+              help=f'Scale s of amsoftmax/aamsoftmax logits, {SCALE_RANGE[0]:g} <= s <= {SCALE_RANGE[1]:g} '
+                   f'[default: {MARGIN_SCALE:g}].')
+@click.option('--spec_augment', is_flag=True,
+              help=f'SpecAugment every training crop (both phases): {SPEC_AUGMENT_TIME_MASKS[0]} time masks of up to '
+                   f'{SPEC_AUGMENT_TIME_MASKS[1]} frames and {SPEC_AUGMENT_FREQ_MASKS[0]} frequency masks of up to '
+                   f'{SPEC_AUGMENT_FREQ_MASKS[1]} fbank channels, seeded by --seed.')
 @seed_option
 def train_model(working_dir, pre_training_phase, from_scratch, epochs, steps_per_epoch, batch_size, learning_rate,
                 triplet_mining, history_size, refresh_every, inference_batch, model, width, tdnn_layers, dropout,
-                bn_before_relu, val_speakers, average_last, sampler, speaker_sampling, seed):
+                bn_before_relu, val_speakers, average_last, sampler, speaker_sampling, channels, loss, margin, scale,
+                spec_augment, seed):
     """Trains one phase; checkpoints go to WORKING_DIR/checkpoints-softmax or checkpoints-triplets. The triplet
     phase (the default) starts from the best softmax checkpoint, with its architecture. One run per phase and
     working dir at a time."""
@@ -294,17 +337,31 @@ def train_model(working_dir, pre_training_phase, from_scratch, epochs, steps_per
              f'{epochs}.')
     if speaker_sampling != 'balanced' and sampler != 'windows':
         fail(f'--speaker_sampling {speaker_sampling} is an option of --sampler windows; add --sampler windows.')
+    if channels is not None:
+        if model != 'ecapa':
+            fail(f'--channels is an option of --model ecapa, not --model {model}.')
+        options['channels'] = channels
     from batcher import InputsError
     from checkpoints import AveragingError, CheckpointError
+    from losses import LossOptionError, classification_loss
     from train import NoPretrainingError, TrainConfig, train_softmax, train_triplet
     from validation import ValidationError
     from workdir import LockedError
+    if loss == 'softmax' and (margin is not None or scale is not None):
+        fail('--margin and --scale are options of --loss amsoftmax and aamsoftmax; plain softmax has neither.')
+    try:
+        classification_loss(loss, margin, scale)
+    except LossOptionError as e:
+        fail(f'--{e.option} {e.value:g}: out of range for --loss {loss}; expected {e.limit}.')
+    if not pre_training_phase and (loss != DEFAULT_LOSS or margin is not None or scale is not None):
+        logger.info('--loss, --margin and --scale set the softmax phase; the triplet phase uses the triplet loss.')
     config = TrainConfig(working_dir=working_dir, epochs=epochs, steps_per_epoch=steps_per_epoch, width=width,
                          batch_size=batch_size, seed=seed, model_name=model, learning_rate=learning_rate,
                          model_options=options, mining=triplet_mining, history_size=history_size,
                          refresh_every=refresh_every, inference_batch=inference_batch,
                          from_scratch=from_scratch, val_speakers=val_speakers, average_last=average_last,
-                         sampler=sampler, speaker_sampling=speaker_sampling)
+                         sampler=sampler, speaker_sampling=speaker_sampling, loss=loss, margin=margin, scale=scale,
+                         spec_augment=spec_augment)
     try:
         best = (train_softmax if pre_training_phase else train_triplet)(config)
     except NoPretrainingError as e:

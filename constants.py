@@ -24,6 +24,14 @@ MANIFEST_HEADER = ('path', 'speaker')  # the columns of a CSV manifest (build-mf
 AUGMENTED_MARK = '~'  # in a cached speaker or utterance name: an augmented copy (excluded from evaluation).
 SPEED_FACTORS = (0.9, 1.1)  # speed perturbation; each factor makes new speaker identities.
 SNR_RANGE_DB = (5.0, 20.0)  # additive noise at an SNR drawn uniformly from this range.
+CHANNEL_AUGMENTATIONS = ('reverb', 'telephone', 'babble', 'white')  # build-mfcc-cache --augment.
+RT60_RANGE_S = (0.2, 1.0)  # reverb: synthetic room responses of a random reverberation time.
+TELEPHONE_RATE = 8000  # Hz: telephone band resampling rate.
+TELEPHONE_BAND_HZ = (300.0, 3400.0)  # band-pass before the codec.
+TELEPHONE_LEVEL_DB = (-30.0, -3.0)  # peak level (dBFS) the codec sees: its quantisation noise depends on it.
+MU_LAW_MU = 255  # 8-bit mu-law (G.711).
+CHANNEL_SNR_RANGE_DB = (5.0, 15.0)  # babble and white noise of --augment.
+BABBLE_TALKERS = (3, 6)  # other training utterances summed into babble, inclusive.
 
 # Model inputs.
 NUM_FRAMES = 160  # frames per training crop: 1.6 s.
@@ -52,6 +60,25 @@ TDNN_FRAME_LAYERS = ((512, 5, 1), (512, 3, 2), (512, 3, 3), (512, 1, 1), (1500, 
 STATS_POOLING_EPSILON = 1e-5  # added to the variance before the square root.
 GRU_UNITS = 1024
 GRU_LAYERS = 3
+ECAPA_CHANNELS = 1024  # C of Desplanques et al. 2020 (published: 512 and 1024); scaled by --width.
+ECAPA_MFA_CHANNELS = 1536  # multi-layer feature aggregation output (the paper's, for either C).
+ECAPA_BOTTLENECK = 128  # squeeze-excitation and attention bottlenecks.
+ECAPA_DILATIONS = (2, 3, 4)  # one SE-Res2Block each, kernel 3.
+ECAPA_KERNELS = (5, 3)  # first frame layer, SE-Res2Blocks.
+ECAPA_RES2_SCALE = 8  # Res2Net groups; the channels are rounded to a multiple of it.
+
+# Classification losses (losses.py): cosine logits with a margin on the target class.
+CLASSIFICATION_LOSSES = ('softmax', 'amsoftmax', 'aamsoftmax')
+DEFAULT_LOSS = 'softmax'  # the original recipe.
+AM_SOFTMAX_MARGIN = 0.2  # cos(theta) - m (Wang et al. 2018 used 0.35 on faces; speaker recipes 0.1-0.3).
+AAM_SOFTMAX_MARGIN = 0.2  # cos(theta + m), radians (ECAPA-TDNN, Desplanques et al. 2020).
+MARGIN_SCALE = 30.0  # s: both papers.
+MARGIN_RANGE = (0.0, 1.0)  # accepted margins: 0 <= m < 1 (cosine units for AM, radians for AAM).
+SCALE_RANGE = (1.0, 100.0)  # accepted scales: 1 <= s <= 100.
+
+# SpecAugment (train-model --spec_augment): masks of each training crop, filled with 0 (a normalised frame's mean).
+SPEC_AUGMENT_TIME_MASKS = (2, 10)  # (masks, most frames each) of NUM_FRAMES.
+SPEC_AUGMENT_FREQ_MASKS = (2, 8)  # (masks, most fbank channels each) of NUM_FBANKS.
 
 # Training.
 BATCH_SIZE = 96  # 32 triplets in the triplet phase.

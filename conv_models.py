@@ -1,9 +1,10 @@
 """The models: Deep Speaker's ResCNN (Li et al. 2017, with the original implementation's layer names), the
-x-vector TDNN and the GRU in Keras 3, their layers (the in-graph fbank front end, frame mask, statistics pooling)
-and the MODELS registry.
+x-vector TDNN, the GRU and ECAPA-TDNN in Keras 3, their layers (the in-graph fbank front end, frame mask,
+statistics pooling, masked attentive statistics pooling) and the MODELS registry.
 
-Imports features and constants only. The checkpoint functions moved to checkpoints.py; CheckpointError,
-load_checkpoint, checkpoint_architecture and build_model stay importable from here for the original's users.
+Imports features, losses (the cosine head of the margin losses) and constants only. The checkpoint functions
+moved to checkpoints.py; CheckpointError, load_checkpoint, checkpoint_architecture and build_model stay
+importable from here for the original's users.
 """
 
 import keras
@@ -13,6 +14,12 @@ from keras import layers, regularizers
 
 from constants import (
     CLIPPED_RELU_MAX,
+    ECAPA_BOTTLENECK,
+    ECAPA_CHANNELS,
+    ECAPA_DILATIONS,
+    ECAPA_KERNELS,
+    ECAPA_MFA_CHANNELS,
+    ECAPA_RES2_SCALE,
     EMBEDDING_SIZE,
     GRU_LAYERS,
     GRU_UNITS,
@@ -29,6 +36,7 @@ from constants import (
     TDNN_FRAME_LAYERS,
 )
 from features import frame_length, frame_step, mel_matrix
+from losses import CosineHead
 
 CHECKPOINT_NAMES = ('CheckpointError', 'load_checkpoint', 'checkpoint_architecture', 'build_model',
                     'copy_weights_by_name', 'legacy_h5_layer_names', 'weighted_layer_names')
@@ -86,21 +94,94 @@ class FrameMask(layers.Layer):
         return input_shape[:2]
 
 
+def masked_mean_std(x, mask):
+    """Mean and standard deviation over time of the unmasked frames: (batch, frames, d), (batch, frames) ->
+    (batch, 2 d)."""
+    weights = keras.ops.expand_dims(mask, -1)
+    count = keras.ops.maximum(keras.ops.sum(weights, axis=1), 1.0)
+    mean = keras.ops.sum(x * weights, axis=1) / count
+    variance = keras.ops.sum(weights * keras.ops.square(x - keras.ops.expand_dims(mean, 1)), axis=1) / count
+    return keras.ops.concatenate([mean, keras.ops.sqrt(variance + STATS_POOLING_EPSILON)], axis=-1)
+
+
 @keras.saving.register_keras_serializable(package='deep_speaker')
 class StatsPooling(layers.Layer):
     """Mean and standard deviation over time of the unmasked frames: (batch, frames, d), (batch, frames) ->
     (batch, 2 d)."""
 
     def call(self, inputs):
-        x, mask = inputs
-        weights = keras.ops.expand_dims(mask, -1)
-        count = keras.ops.maximum(keras.ops.sum(weights, axis=1), 1.0)
-        mean = keras.ops.sum(x * weights, axis=1) / count
-        variance = keras.ops.sum(weights * keras.ops.square(x - keras.ops.expand_dims(mean, 1)), axis=1) / count
-        return keras.ops.concatenate([mean, keras.ops.sqrt(variance + STATS_POOLING_EPSILON)], axis=-1)
+        return masked_mean_std(*inputs)
 
     def compute_output_shape(self, input_shape):
         return input_shape[0][0], 2 * input_shape[0][-1]
+
+
+@keras.saving.register_keras_serializable(package='deep_speaker')
+class MaskedMean(layers.Layer):
+    """Mean over time of the unmasked frames: (batch, frames, d), (batch, frames) -> (batch, d)."""
+
+    def call(self, inputs):
+        x, mask = inputs
+        weights = keras.ops.expand_dims(mask, -1)
+        return keras.ops.sum(x * weights, axis=1) / keras.ops.maximum(keras.ops.sum(weights, axis=1), 1.0)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0][0], input_shape[0][-1]
+
+
+@keras.saving.register_keras_serializable(package='deep_speaker')
+class GlobalContext(layers.Layer):
+    """Each frame with the utterance's masked mean and std appended (ECAPA's context-dependent attention input):
+    (batch, frames, d), (batch, frames) -> (batch, frames, 3 d)."""
+
+    def call(self, inputs):
+        x, mask = inputs
+        stats = keras.ops.expand_dims(masked_mean_std(x, mask), 1)
+        return keras.ops.concatenate([x, keras.ops.zeros_like(x[..., :1]) + stats], axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return *input_shape[0][:2], 3 * input_shape[0][-1]
+
+
+@keras.saving.register_keras_serializable(package='deep_speaker')
+class AttentiveStatsPooling(layers.Layer):
+    """Attentive statistics pooling (Okabe et al. 2018; per channel as in ECAPA-TDNN): softmax over the unmasked
+    frames of the attention logits, then the weighted mean and std of each channel:
+    (batch, frames, d) features, (batch, frames, d) logits, (batch, frames) mask -> (batch, 2 d)."""
+
+    def call(self, inputs):
+        x, logits, mask = inputs
+        valid = keras.ops.expand_dims(mask, -1) > 0
+        logits = keras.ops.where(valid, logits, keras.ops.full_like(logits, -1e9))
+        alpha = keras.ops.softmax(logits, axis=1) * keras.ops.cast(valid, x.dtype)
+        mean = keras.ops.sum(alpha * x, axis=1)
+        variance = keras.ops.sum(alpha * keras.ops.square(x), axis=1) - keras.ops.square(mean)
+        return keras.ops.concatenate([mean, keras.ops.sqrt(keras.ops.maximum(variance, 0.0) + STATS_POOLING_EPSILON)],
+                                     axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0][0], 2 * input_shape[0][-1]
+
+
+@keras.saving.register_keras_serializable(package='deep_speaker')
+class ChannelSlice(layers.Layer):
+    """Channels [start, stop) of a (batch, frames, d) tensor: a Res2Net group."""
+
+    def __init__(self, start: int, stop: int, **kwargs):
+        super().__init__(**kwargs)
+        self.start, self.stop = start, stop
+
+    def call(self, x):
+        return x[..., self.start:self.stop]
+
+    def compute_output_shape(self, input_shape):
+        return *input_shape[:-1], self.stop - self.start
+
+    def get_config(self):
+        return {**super().get_config(), 'start': self.start, 'stop': self.stop}
+
+
+HEADS = ('softmax', 'cosine')  # a dense softmax layer, or losses.CosineHead for the margin losses.
 
 
 class SpeakerModel:
@@ -108,18 +189,23 @@ class SpeakerModel:
 
     Input: normalised fbank, shape (batch, frames, 64, 1) (frames: NUM_FRAMES for training crops, any number at
     inference), or with `pcm_input` raw 16 kHz audio (batch, samples). Output: L2-normalised embeddings
-    (batch, 512) from the `affine` layer, or with `include_softmax` speaker probabilities
-    (batch, num_speakers_softmax). `width` scales the layers; 1.0 is the published size.
+    (batch, 512) from the `affine` layer, or with `include_softmax` a classification head over
+    num_speakers_softmax speakers: with `head='softmax'` their probabilities (layer `softmax_layer`), with
+    `head='cosine'` the cosines of the embedding with each speaker's weight vector (layer `cosine_layer`, for the
+    margin losses of losses.py). `width` scales the layers; 1.0 is the published size.
     """
 
     name = ''
     width_probe = ('', '', 1)  # (layer, config key, its value at width 1.0): how options_from_config reads width.
 
     def __init__(self, batch_input_shape=(None, NUM_FRAMES, NUM_FBANKS, 1), include_softmax: bool = False,
-                 num_speakers_softmax: int | None = None, pcm_input: bool = False, width: float = 1.0):
+                 num_speakers_softmax: int | None = None, pcm_input: bool = False, width: float = 1.0,
+                 head: str = 'softmax'):
         if include_softmax and not (num_speakers_softmax and num_speakers_softmax > 1):
             raise ValueError(f'num_speakers_softmax={num_speakers_softmax}: a softmax head needs 2 or more speakers.')
-        self.include_softmax = include_softmax
+        if head not in HEADS:
+            raise ValueError(f'head={head!r}: expected one of {", ".join(HEADS)}.')
+        self.include_softmax, self.head = include_softmax, head
         self.width = width
         if pcm_input:
             inputs = keras.Input(batch_shape=(batch_input_shape[0], None), name='input')
@@ -131,7 +217,9 @@ class SpeakerModel:
         if include_softmax:
             x = layers.Dropout(SOFTMAX_DROPOUT, name='dropout')(x)
         x = layers.Dense(EMBEDDING_SIZE, name='affine')(x)
-        if include_softmax:
+        if include_softmax and head == 'cosine':
+            x = CosineHead(num_speakers_softmax, name='cosine_layer')(x)
+        elif include_softmax:
             x = layers.Dense(num_speakers_softmax, activation='softmax', name='softmax_layer')(x)
         else:
             x = layers.UnitNormalization(axis=1, name='ln')(x)
@@ -142,9 +230,9 @@ class SpeakerModel:
         return self.m
 
     def get_weights(self) -> list[np.ndarray]:
-        """The model's weights without the softmax head's kernel and bias."""
+        """The model's weights without the classification head's (a softmax's kernel and bias, a cosine kernel)."""
         weights = self.m.get_weights()
-        return weights[:-2] if self.include_softmax else weights
+        return weights[:-len(self.m.layers[-1].weights)] if self.include_softmax else weights
 
     def scaled(self, units: int) -> int:
         return max(1, int(round(units * self.width)))
@@ -275,4 +363,82 @@ class GruModel(SpeakerModel):
         return layers.GlobalAveragePooling1D(name='average')(x)
 
 
-MODELS: dict[str, type[SpeakerModel]] = {'rescnn': DeepSpeakerModel, 'tdnn': TdnnModel, 'gru': GruModel}
+class EcapaModel(SpeakerModel):
+    """ECAPA-TDNN (Desplanques et al. 2020): a kernel-5 frame layer of C channels, three SE-Res2Blocks (kernel 3,
+    dilations 2, 3, 4; Res2Net scale 8; squeeze-excitation bottleneck 128), each block's input the sum of the
+    outputs before it, multi-layer feature aggregation (the three blocks' outputs concatenated, a 1x1 layer of
+    1536), attentive statistics pooling with global context (attention bottleneck 128) and batch norm, then the
+    512-d affine layer. Every frame layer is a convolution, ReLU, batch norm, and zeroes the padding frames after
+    it; squeeze-excitation means, the global context and the attention softmax skip them: a zero-padded utterance
+    gives the embedding of the unpadded one, as with the TDNN.
+
+    `channels` C: 1024 (default) or the paper's smaller 512; `width` scales C (rounded to a multiple of 8), 1536 and
+    the bottlenecks. Parameters at C=1024, width 1.0 (64 fbanks in, 512-d embedding): 15,561,600 trainable,
+    15,590,528 in all with batch norm statistics; the paper's 14.7M (C=1024) and 6.2M (C=512) count trainable
+    parameters with 80 MFCCs in, a 192-d embedding and batch norm after it (tests/test_ecapa.py checks the formula
+    against both). Against the paper: no batch norm after the embedding layer (the embedding is L2-normalised).
+    """
+
+    name = 'ECAPA'
+    width_probe = ('conv1', 'filters', ECAPA_CHANNELS)
+
+    def __init__(self, *args, channels: int = ECAPA_CHANNELS, mfa_channels: int = ECAPA_MFA_CHANNELS,
+                 bottleneck: int = ECAPA_BOTTLENECK, **kwargs):
+        self.channels, self.mfa_channels, self.bottleneck = channels, mfa_channels, bottleneck
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def options_from_config(cls, layer_configs: dict[str, dict]) -> dict:
+        return {'width': 1.0, 'channels': layer_configs['conv1']['filters'],
+                'mfa_channels': layer_configs['mfa']['filters'],
+                'bottleneck': layer_configs['block1_se_squeeze']['units']}
+
+    def body(self, fbank):
+        scale = ECAPA_RES2_SCALE
+        channels = max(scale, int(round(self.channels * self.width / scale)) * scale)
+        frames = layers.Reshape((-1, NUM_FBANKS), name='frames')(fbank)
+        mask = FrameMask(name='frame_mask')(frames)
+        self.mask, self.mask3 = mask, layers.Reshape((-1, 1), name='frame_mask_3d')(mask)
+        x = self.frame_layer(frames, channels, ECAPA_KERNELS[0], 1, 'conv1')
+        outputs, block_input = [], x
+        for number, dilation in enumerate(ECAPA_DILATIONS, start=1):
+            if outputs:
+                block_input = layers.Add(name=f'block{number}_input')([x, *outputs])
+            outputs.append(self.se_res2_block(block_input, channels, dilation, f'block{number}'))
+        x = layers.Concatenate(name='mfa_concat')(outputs)
+        x = self.frame_layer(x, self.scaled(self.mfa_channels), 1, 1, 'mfa')
+        context = GlobalContext(name='global_context')([x, mask])
+        attention = layers.Conv1D(self.scaled(self.bottleneck), 1, activation='tanh', name='attention_hidden')(context)
+        attention = layers.Conv1D(x.shape[-1], 1, name='attention_logits')(attention)
+        x = AttentiveStatsPooling(name='attentive_pooling')([x, attention, mask])
+        return layers.BatchNormalization(name='pooling_bn')(x)
+
+    def frame_layer(self, x, units: int, kernel: int, dilation: int, name: str):
+        """Convolution, ReLU, batch norm, padding frames zeroed: (batch, frames, d) -> (batch, frames, units)."""
+        x = layers.Conv1D(units, kernel, dilation_rate=dilation, padding='same', activation='relu',
+                          kernel_regularizer=regularizers.l2(L2_WEIGHT_DECAY), name=name)(x)
+        x = layers.BatchNormalization(name=f'{name}_bn')(x)
+        return layers.Multiply(name=f'{name}_masked')([x, self.mask3])
+
+    def se_res2_block(self, inputs, channels: int, dilation: int, name: str):
+        """1x1 frame layer, Res2Net dilated convolutions over 8 channel groups (each group's input adds the previous
+        group's output), 1x1 frame layer, squeeze-excitation, residual connection."""
+        x = self.frame_layer(inputs, channels, 1, 1, f'{name}_conv_in')
+        group = channels // ECAPA_RES2_SCALE
+        outputs = [ChannelSlice(0, group, name=f'{name}_group0')(x)]
+        for i in range(1, ECAPA_RES2_SCALE):
+            part = ChannelSlice(i * group, (i + 1) * group, name=f'{name}_group{i}')(x)
+            if i > 1:
+                part = layers.Add(name=f'{name}_group{i}_sum')([part, outputs[-1]])
+            outputs.append(self.frame_layer(part, group, ECAPA_KERNELS[1], dilation, f'{name}_res2_{i}'))
+        x = layers.Concatenate(name=f'{name}_res2_concat')(outputs)
+        x = self.frame_layer(x, channels, 1, 1, f'{name}_conv_out')
+        squeezed = MaskedMean(name=f'{name}_se_mean')([x, self.mask])
+        squeezed = layers.Dense(self.scaled(self.bottleneck), activation='relu', name=f'{name}_se_squeeze')(squeezed)
+        excitation = layers.Dense(channels, activation='sigmoid', name=f'{name}_se_excite')(squeezed)
+        x = layers.Multiply(name=f'{name}_se_scale')([x, layers.Reshape((1, channels))(excitation)])
+        return layers.Add(name=f'{name}_residual')([x, inputs])
+
+
+MODELS: dict[str, type[SpeakerModel]] = {'rescnn': DeepSpeakerModel, 'tdnn': TdnnModel, 'gru': GruModel,
+                                         'ecapa': EcapaModel}

@@ -5,8 +5,8 @@ re-embedded with embedding.embed_crops. With `val_speakers`, some training speak
 verification trials every epoch (validation.py), which then chooses the best checkpoint; with `average_last`, the
 last epoch checkpoints are averaged after training.
 
-Imports checkpoints, embedding, sampler, store, batcher, conv_models, triplet_loss, validation, workdir and
-constants."""
+Imports checkpoints, embedding, sampler, store, batcher, conv_models, losses, spec_augment, triplet_loss,
+validation, workdir and constants."""
 
 import logging
 import math
@@ -26,6 +26,7 @@ from checkpoints import AtomicCheckpoint, CheckpointError, average_last_epochs, 
 from constants import (
     BATCH_SIZE,
     DEFAULT_EPOCHS,
+    DEFAULT_LOSS,
     DEFAULT_SEED,
     DEFAULT_TRIPLET_MINING,
     DEFAULT_WORKING_DIR,
@@ -47,6 +48,7 @@ from constants import (
 )
 from conv_models import MODELS
 from embedding import embed_crops
+from losses import classification_loss, head_of
 from sampler import (
     WindowCrops,
     WindowMiner,
@@ -57,6 +59,7 @@ from sampler import (
     training_split,
     validation_windows,
 )
+from spec_augment import spec_augmented
 from store import PackedStore, open_for_training
 from triplet_loss import deep_speaker_loss
 from validation import (
@@ -175,6 +178,10 @@ class TrainConfig:
     average_last: int = 0  # epoch checkpoints kept and averaged into <Model>_averaged.keras after training.
     sampler: str = 'fixed'  # 'fixed': build-keras-inputs crops; 'windows': fresh windows of the packed store.
     speaker_sampling: str = 'balanced'  # windows: speakers equally often, or 'proportional' to their utterances.
+    loss: str = DEFAULT_LOSS  # softmax phase: a key of losses.LOSSES.
+    margin: float | None = None  # softmax phase, margin losses: None for the loss's default.
+    scale: float | None = None  # softmax phase, margin losses: None for the loss's default.
+    spec_augment: bool = False  # both phases: SpecAugment masks on every training crop (spec_augment.py).
 
 
 class NoPretrainingError(CheckpointError):
@@ -302,9 +309,17 @@ def softmax_data(config: TrainConfig, working_dir: WorkingDir, converter: KerasF
                        softmax_dataset(kx_test, ky_test, batch_size, None), held_out)
 
 
+def training_batches(dataset: tf.data.Dataset, config: TrainConfig, initial_epoch: int) -> tf.data.Dataset:
+    """The training batches, SpecAugment-masked when `config.spec_augment` (seeded by the seed and first epoch)."""
+    return spec_augmented(dataset, config.seed + initial_epoch) if config.spec_augment else dataset
+
+
 def train_softmax(config: TrainConfig) -> Path:
-    """Softmax pre-training (Adam) of the model `config.model_name` on kx_train, validated on kx_test; returns the
-    best checkpoint's path. A resumed run keeps the architecture and learning rate of its checkpoint."""
+    """Classification pre-training (Adam) of the model `config.model_name` on kx_train with `config.loss` (softmax,
+    or a margin loss over a cosine head), validated on kx_test; returns the best checkpoint's path. A resumed run
+    keeps the architecture, loss and learning rate of its checkpoint. LossOptionError for a margin or scale out of
+    range, before anything is read."""
+    loss = classification_loss(config.loss, config.margin, config.scale)
     working_dir, converter, directory = phase_inputs(config, 'softmax')
     name = MODELS[config.model_name].name
     with training_lock(directory):
@@ -313,9 +328,9 @@ def train_softmax(config: TrainConfig) -> Path:
 
         def new_model():
             dsm = MODELS[config.model_name](include_softmax=True, num_speakers_softmax=num_speakers, width=config.width,
-                                            **config.model_options)
+                                            head=head_of(config.loss), **config.model_options)
             dsm.m.compile(optimizer=keras.optimizers.Adam(config.learning_rate or SOFTMAX_LEARNING_RATE),
-                          loss='sparse_categorical_crossentropy', metrics=['accuracy'])
+                          loss=loss, metrics=['accuracy'])
             return dsm.m
 
         model, initial_epoch = resumed_or_new(directory, name, new_model)
@@ -324,10 +339,12 @@ def train_softmax(config: TrainConfig) -> Path:
                                   f'but the model inputs have {num_speakers}; delete {directory} or use another '
                                   f'--working_dir.')
         record_held_out(directory, data.held_out.speakers)
-        logger.info('Softmax phase: %d speakers (%d held out), %s, %s parameters.', num_speakers,
-                    len(data.held_out.speakers), data.description, f'{model.count_params():,}')
+        logger.info('Softmax phase: %d speakers (%d held out), %s, %s parameters, loss %s.', num_speakers,
+                    len(data.held_out.speakers), data.description, f'{model.count_params():,}',
+                    describe_loss(model.loss))
         steps = config.steps_per_epoch or data.steps
-        fit(model, initial_epoch, config.epochs, data.train(initial_epoch * steps), data.validation, steps,
+        train = training_batches(data.train(initial_epoch * steps), config, initial_epoch)
+        fit(model, initial_epoch, config.epochs, train, data.validation, steps,
             phase_callbacks(directory, working_dir.root, name, 'softmax',
                             *monitored(data.held_out, 'val_accuracy', 'max'), data.held_out.callbacks,
                             config.average_last))
@@ -363,6 +380,13 @@ def triplet_data(config: TrainConfig, working_dir: WorkingDir, converter: KerasF
                                                                                 directory, name)
     return TripletData(num_speakers, kx_train, ky_train, kx_test, ky_test, HardNegativeMiner, TripletBatcher,
                        held_out)
+
+
+def describe_loss(loss) -> str:
+    """'AamSoftmaxLoss margin=0.2 scale=30' for a margin loss, the class or name of any other."""
+    if hasattr(loss, 'margin'):
+        return f'{type(loss).__name__} margin={loss.margin:g} scale={loss.scale:g}'
+    return loss if isinstance(loss, str) else type(loss).__name__
 
 
 def train_triplet(config: TrainConfig) -> Path:
@@ -416,6 +440,7 @@ def train_triplet(config: TrainConfig) -> Path:
         validation = tf.data.Dataset.from_tensor_slices(validation).batch(3 * (batch_size // 3))
         logger.info('Triplet phase: %d speakers (%d held out), %s parameters, %s triplets.', data.num_speakers,
                     len(data.held_out.speakers), f'{model.count_params():,}', config.mining)
-        fit(model, initial_epoch, config.epochs, triplet_dataset(train_batcher, batch_size), validation,
+        fit(model, initial_epoch, config.epochs,
+            training_batches(triplet_dataset(train_batcher, batch_size), config, initial_epoch), validation,
             config.steps_per_epoch or TRIPLET_STEPS_PER_EPOCH, callbacks)
         return finish_phase(config, directory, name)

@@ -33,7 +33,7 @@ evaluate() {  # row seconds checkpoint [checkpoint ...]: eval-trials (fused if s
   for checkpoint in "$@"; do args+=(--checkpoint_file "$checkpoint"); done
   mkdir -p "$(dirname "$OUT/$row")"
   line="$(cli eval-trials --trials "$TRIALS" --audio_root "$TEST_ROOT" "${args[@]}" \
-          --scores_file "$OUT/$row.scores.csv" --det_plot "$OUT/$row.det.png" | tail -1)"
+          --scores_file "$OUT/$row.scores.csv" --det_plot "$OUT/$row.det.png" | grep 'EER = ' | tail -1)"
   echo "$row: $line (trained $trained s)" >&2
   touch "$OUT/results.csv"
   grep -v "^$row," "$OUT/results.csv" > "$OUT/results.csv.tmp" || true

@@ -25,6 +25,7 @@ from constants import (  # noqa: E402
 from conv_models import (  # noqa: E402
     MODELS,
     DeepSpeakerModel,
+    EcapaModel,
     FrameMask,
     GruModel,
     StatsPooling,
@@ -56,9 +57,9 @@ def scaled(units: int, width: float) -> int:
 # --- Registry, heads and inputs -----------------------------------------------------------------------------------
 
 
-def test_registry_holds_the_three_architectures_under_their_cli_names():
-    assert MODELS == {'rescnn': DeepSpeakerModel, 'tdnn': TdnnModel, 'gru': GruModel}
-    assert [cls.name for cls in MODELS.values()] == ['ResCNN', 'TDNN', 'GRU']
+def test_registry_holds_the_four_architectures_under_their_cli_names():
+    assert MODELS == {'rescnn': DeepSpeakerModel, 'tdnn': TdnnModel, 'gru': GruModel, 'ecapa': EcapaModel}
+    assert [cls.name for cls in MODELS.values()] == ['ResCNN', 'TDNN', 'GRU', 'ECAPA']
     for command in ('train-model', 'test-model', 'eval-trials'):
         option = next(p for p in cli.commands[command].params if p.name == 'model')
         assert list(option.type.choices) == list(MODELS), command
