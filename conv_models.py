@@ -109,7 +109,8 @@ class SpeakerModel:
     Input: normalised fbank, shape (batch, frames, 64, 1) (frames: NUM_FRAMES for training crops, any number at
     inference), or with `pcm_input` raw 16 kHz audio (batch, samples). Output: L2-normalised embeddings
     (batch, 512) from the `affine` layer, or with `include_softmax` speaker probabilities
-    (batch, num_speakers_softmax). `width` scales the layers; 1.0 is the published size.
+    (batch, num_speakers_softmax), both float32 (also when built under a mixed_float16 policy, which computes the
+    layers before them in float16). `width` scales the layers; 1.0 is the published size.
     """
 
     name = ''
@@ -131,10 +132,10 @@ class SpeakerModel:
         if include_softmax:
             x = layers.Dropout(SOFTMAX_DROPOUT, name='dropout')(x)
         x = layers.Dense(EMBEDDING_SIZE, name='affine')(x)
-        if include_softmax:
-            x = layers.Dense(num_speakers_softmax, activation='softmax', name='softmax_layer')(x)
+        if include_softmax:  # float32 under a mixed precision policy, like the L2 normalisation and the losses.
+            x = layers.Dense(num_speakers_softmax, activation='softmax', name='softmax_layer', dtype='float32')(x)
         else:
-            x = layers.UnitNormalization(axis=1, name='ln')(x)
+            x = layers.UnitNormalization(axis=1, name='ln', dtype='float32')(x)
         self.m = keras.Model(inputs, x, name=self.name)
 
     def keras_model(self) -> keras.Model:

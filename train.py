@@ -1,12 +1,17 @@
 """The two training phases: softmax pre-training and triplet training (TrainConfig carries their settings),
 streamed with tf.data from the memory-mapped model inputs, checkpointed atomically and resumed from the last
-finished epoch; the mining history is re-embedded with embedding.embed_crops.
+finished epoch; the mining history is re-embedded with embedding.embed_crops. Both phases run under a
+tf.distribute strategy (distribute.py): TrainConfig.batch_size is the batch of each replica, the global batch is
+that times the replicas, and only the chief writes checkpoints, the CSV history and TensorBoard logs.
 
-Imports checkpoints, embedding, batcher, conv_models, triplet_loss, workdir and constants."""
+Imports checkpoints, distribute, embedding, batcher, conv_models, triplet_loss, workdir and constants."""
 
 import logging
 import math
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +23,7 @@ from batcher import HardNegativeMiner, KerasFormatConverter, TripletBatcher, ran
 from checkpoints import AtomicCheckpoint, CheckpointError, build_model, resumed_or_new
 from constants import (
     BATCH_SIZE,
+    COLLECTIVE_TIMEOUT_S,
     DEFAULT_EPOCHS,
     DEFAULT_SEED,
     DEFAULT_TRIPLET_MINING,
@@ -39,6 +45,21 @@ from constants import (
     TRIPLET_VALIDATION_BATCHES,
 )
 from conv_models import MODELS
+from distribute import (
+    MinedTripletsError,
+    WorkerLostError,
+    check_triplet_batch,
+    default_mode,
+    is_chief,
+    make_strategy,
+    precision,
+    synchronize_batch_norm,
+    unsharded,
+    weights_digest,
+    whole_blocks,
+    worker_index,
+    worker_seed,
+)
 from embedding import embed_crops
 from triplet_loss import deep_speaker_loss
 from workdir import WorkingDir, best_checkpoint, last_checkpoint, training_lock
@@ -101,25 +122,38 @@ def triplet_dataset(batcher: TripletBatcher, batch_size: int) -> tf.data.Dataset
     return tf.data.Dataset.from_generator(batches, output_signature=signature).prefetch(TRIPLET_PREFETCH_BATCHES)
 
 
-def phase_callbacks(directory: Path, working_dir: Path, name: str, phase: str, monitor: str, mode: str) -> list:
-    """Learning-rate schedule, early stopping, atomic checkpoints, the CSV history and TensorBoard logs."""
+def phase_callbacks(directory: Path, writes: tuple[Path, Path], name: str, monitor: str, mode: str) -> list:
+    """Learning-rate schedule, early stopping, atomic checkpoints, the CSV history and TensorBoard logs; the
+    training state is read from `directory`, checkpoints and history written to writes[0], logs to writes[1]."""
     schedules = (keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=REDUCE_LR_FACTOR,
                                                    patience=REDUCE_LR_PATIENCE, min_lr=MIN_LEARNING_RATE),
                  keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, min_delta=EARLY_STOPPING_MIN_DELTA,
                                                patience=EARLY_STOPPING_PATIENCE))
-    return [*schedules, AtomicCheckpoint(directory, name, monitor, mode, counted=schedules),
-            keras.callbacks.CSVLogger(str(directory / 'history.csv'), append=True),
-            keras.callbacks.TensorBoard(log_dir=str(WorkingDir.of(working_dir).logs_dir(phase)))]
+    return [*schedules, AtomicCheckpoint(directory, name, monitor, mode, counted=schedules, save_dir=writes[0]),
+            keras.callbacks.CSVLogger(str(writes[0] / 'history.csv'), append=True),
+            keras.callbacks.TensorBoard(log_dir=str(writes[1]))]
 
 
 def fit(model: keras.Model, initial_epoch: int, epochs: int, train, validation, steps_per_epoch: int,
         callbacks: list) -> None:
+    """model.fit from `initial_epoch` to `epochs`; WorkerLostError when a collective operation of multi-worker
+    training fails (another worker died or stopped answering)."""
     if initial_epoch >= epochs:
         logger.info('Already trained %d epochs (asked for %d); nothing to do. Raise --epochs to go on.',
                     initial_epoch, epochs)
         return
-    model.fit(train, validation_data=validation, epochs=epochs, initial_epoch=initial_epoch,
-              steps_per_epoch=steps_per_epoch, callbacks=callbacks, shuffle=False, verbose=2)
+    strategy = model.distribute_strategy
+    try:
+        model.fit(train, validation_data=validation, epochs=epochs, initial_epoch=initial_epoch,
+                  steps_per_epoch=steps_per_epoch, callbacks=callbacks, shuffle=False, verbose=2)
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
+            tf.errors.InternalError) as e:
+        if getattr(strategy, 'cluster_resolver', None) is None:
+            raise
+        message = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise WorkerLostError(f'a collective operation failed ({type(e).__name__}: {message[:200]})') from None
+    if strategy.num_replicas_in_sync > 1:
+        logger.info('Worker %d: weights %s after epoch %d.', worker_index(strategy), weights_digest(model), epochs)
 
 
 @dataclass(frozen=True)
@@ -139,6 +173,11 @@ class TrainConfig:
     refresh_every: int = MINING_REFRESH_EVERY
     inference_batch: int | None = None  # crops per forward pass of a history refresh; None: batch_size.
     from_scratch: bool = False  # triplet phase: start from random weights when there is no softmax checkpoint.
+    distribute: str | None = None  # 'none', 'mirrored' or 'multiworker' (distribute.py); None: default_mode().
+    scale_lr: bool = False  # multiply the learning rate of a new model by the number of replicas.
+    mixed_precision: bool = False  # build a new model under the mixed_float16 policy (a resumed one keeps its own).
+    jit_compile: bool = False  # compile the training step with XLA.
+    collective_timeout: float = COLLECTIVE_TIMEOUT_S  # multiworker: seconds before a silent worker is given up.
 
 
 class NoPretrainingError(CheckpointError):
@@ -147,6 +186,42 @@ class NoPretrainingError(CheckpointError):
     def __init__(self, path: Path):
         super().__init__(f'{path}: no softmax checkpoint to start the triplet phase from.')
         self.path = path
+
+
+def phase_strategy(config: TrainConfig) -> tf.distribute.Strategy:
+    """The strategy of `config.distribute` (created before any other TensorFlow operation runs)."""
+    mode = config.distribute or default_mode()
+    strategy = make_strategy(mode, config.collective_timeout)
+    logger.info('Distribution: %s, %d replica(s); per-replica batch %d, global batch %d.', mode,
+                strategy.num_replicas_in_sync, config.batch_size, config.batch_size * strategy.num_replicas_in_sync)
+    return strategy
+
+
+@contextmanager
+def written_dirs(strategy: tf.distribute.Strategy, directory: Path, logs: Path) -> Iterator[tuple[Path, Path]]:
+    """(checkpoint dir, logs dir) this process writes, for the block: on the chief the phase's own (under its
+    training lock); on the other workers a temporary dir, deleted afterwards (Keras' multi-worker recipe: every
+    worker saves, so that collective operations stay in step, but only the chief's files are kept)."""
+    if is_chief(strategy):
+        with training_lock(directory):
+            yield directory, logs
+        return
+    with tempfile.TemporaryDirectory(prefix=f'deep-speaker-worker{worker_index(strategy)}-') as scratch:
+        yield Path(scratch), Path(scratch) / 'logs'
+
+
+def prepared(model: keras.Model, strategy: tf.distribute.Strategy, config: TrainConfig) -> keras.Model:
+    """`model` with batch statistics over the global batch (synchronize_batch_norm) and XLA as asked."""
+    synchronize_batch_norm(model, strategy)
+    model.jit_compile = config.jit_compile
+    return model
+
+
+def learning_rate(config: TrainConfig, default: float, strategy: tf.distribute.Strategy) -> float:
+    """The learning rate of a new model: `config.learning_rate` (else `default`), times the replicas with
+    `config.scale_lr`."""
+    rate = config.learning_rate or default
+    return rate * strategy.num_replicas_in_sync if config.scale_lr else rate
 
 
 def phase_inputs(config: TrainConfig, phase: str) -> tuple[WorkingDir, KerasFormatConverter, Path]:
@@ -161,9 +236,10 @@ def phase_inputs(config: TrainConfig, phase: str) -> tuple[WorkingDir, KerasForm
 
 def train_softmax(config: TrainConfig) -> Path:
     """Softmax pre-training (Adam) of the model `config.model_name` on kx_train, validated on kx_test; returns the
-    best checkpoint's path. A resumed run keeps the architecture and learning rate of its checkpoint."""
+    best checkpoint's path. A resumed run keeps the architecture, learning rate and precision of its checkpoint."""
+    strategy = phase_strategy(config)
     working_dir, converter, directory = phase_inputs(config, 'softmax')
-    with training_lock(directory):
+    with written_dirs(strategy, directory, working_dir.logs_dir('softmax')) as writes:
         kx_train, ky_train = converter.load('train')
         kx_test, ky_test = converter.load('test')
         num_speakers = converter.num_speakers
@@ -171,22 +247,26 @@ def train_softmax(config: TrainConfig) -> Path:
         def new_model():
             dsm = MODELS[config.model_name](include_softmax=True, num_speakers_softmax=num_speakers, width=config.width,
                                             **config.model_options)
-            dsm.m.compile(optimizer=keras.optimizers.Adam(config.learning_rate or SOFTMAX_LEARNING_RATE),
+            dsm.m.compile(optimizer=keras.optimizers.Adam(learning_rate(config, SOFTMAX_LEARNING_RATE, strategy)),
                           loss='sparse_categorical_crossentropy', metrics=['accuracy'])
             return dsm.m
 
         name = MODELS[config.model_name].name
-        model, initial_epoch = resumed_or_new(directory, name, new_model)
+        with strategy.scope(), precision(config.mixed_precision):
+            model, initial_epoch = resumed_or_new(directory, name, new_model)
+        prepared(model, strategy, config)
         if model.output_shape[-1] != num_speakers:
             raise CheckpointError(f'{last_checkpoint(directory, name)}: trained on {model.output_shape[-1]} speakers, '
                                   f'but the model inputs have {num_speakers}; delete {directory} or use another '
                                   f'--working_dir.')
         logger.info('Softmax phase: %d speakers, %d training crops, %s parameters.', num_speakers,
                     len(kx_train), f'{model.count_params():,}')
-        steps = config.steps_per_epoch or math.ceil(len(kx_train) / config.batch_size)
-        fit(model, initial_epoch, config.epochs, softmax_dataset(kx_train, ky_train, config.batch_size, config.seed),
-            softmax_dataset(kx_test, ky_test, config.batch_size, None), steps,
-            phase_callbacks(directory, working_dir.root, name, 'softmax', 'val_accuracy', 'max'))
+        batch_size = config.batch_size * strategy.num_replicas_in_sync
+        steps = config.steps_per_epoch or math.ceil(len(kx_train) / batch_size)
+        train = softmax_dataset(kx_train, ky_train, batch_size, worker_seed(config.seed, strategy))
+        fit(model, initial_epoch, config.epochs, unsharded(train),
+            unsharded(softmax_dataset(kx_test, ky_test, batch_size, None)), steps,
+            phase_callbacks(directory, writes, name, 'val_accuracy', 'max'))
         return best_checkpoint(directory, name)
 
 
@@ -199,12 +279,18 @@ def train_triplet(config: TrainConfig) -> Path:
     `config.history_size` crops re-embedded every `config.refresh_every` batches, `config.inference_batch` crops
     at a time (default `config.batch_size`: a refresh then needs less memory than a training step, at any width).
     """
+    check_triplet_batch(config.batch_size)
+    strategy = phase_strategy(config)
+    if config.mining != 'random' and getattr(strategy, 'cluster_resolver', None) is not None:
+        raise MinedTripletsError(f'{config.mining} triplets need a mining history, which multi-worker training '
+                                 f'cannot refresh yet.')
     working_dir, converter, directory = phase_inputs(config, 'triplet')
-    with training_lock(directory):
+    with written_dirs(strategy, directory, working_dir.logs_dir('triplet')) as writes:
         kx_train, ky_train = converter.load('train')
         kx_test, ky_test = converter.load('test')
         name = MODELS[config.model_name].name
-        seed, batch_size = config.seed, config.batch_size
+        seed, batch_size = worker_seed(config.seed, strategy), config.batch_size
+        replicas = strategy.num_replicas_in_sync
 
         def new_model():
             pre_trained = working_dir.best_checkpoint('softmax', name)
@@ -217,13 +303,15 @@ def train_triplet(config: TrainConfig) -> Path:
                 dsm = MODELS[config.model_name](width=config.width, **config.model_options)
             else:
                 raise NoPretrainingError(pre_trained)
-            dsm.m.compile(optimizer=keras.optimizers.SGD(config.learning_rate or TRIPLET_LEARNING_RATE,
+            dsm.m.compile(optimizer=keras.optimizers.SGD(learning_rate(config, TRIPLET_LEARNING_RATE, strategy),
                                                          momentum=TRIPLET_MOMENTUM),
                           loss=deep_speaker_loss)
             return dsm.m
 
-        model, initial_epoch = resumed_or_new(directory, name, new_model)
-        callbacks = phase_callbacks(directory, working_dir.root, name, 'triplet', 'val_loss', 'min')
+        with strategy.scope(), precision(config.mixed_precision):
+            model, initial_epoch = resumed_or_new(directory, name, new_model)
+        prepared(model, strategy, config)
+        callbacks = phase_callbacks(directory, writes, name, 'val_loss', 'min')
         selector = random_triplets
         if config.mining != 'random':
             selector = HardNegativeMiner(ky_train, config.mining, min(config.history_size, len(ky_train)),
@@ -231,12 +319,12 @@ def train_triplet(config: TrainConfig) -> Path:
             callbacks.append(MiningRefresh(selector, kx_train, config.refresh_every,
                                            config.inference_batch or batch_size))
         train_batcher = TripletBatcher(kx_train, ky_train, seed=seed + initial_epoch, selector=selector)
-        test_batcher = TripletBatcher(kx_test, ky_test, seed=seed)
+        test_batcher = TripletBatcher(kx_test, ky_test, seed=config.seed)
         validation = [test_batcher.get_batch(batch_size) for _ in range(TRIPLET_VALIDATION_BATCHES)]
         validation = (np.concatenate([x for x, _ in validation]), np.concatenate([y for _, y in validation]))
-        validation = tf.data.Dataset.from_tensor_slices(validation).batch(3 * (batch_size // 3))
+        validation = unsharded(tf.data.Dataset.from_tensor_slices(validation).batch(batch_size * replicas))
         logger.info('Triplet phase: %d speakers, %s parameters, %s triplets.', converter.num_speakers,
                     f'{model.count_params():,}', config.mining)
-        fit(model, initial_epoch, config.epochs, triplet_dataset(train_batcher, batch_size), validation,
-            config.steps_per_epoch or TRIPLET_STEPS_PER_EPOCH, callbacks)
+        fit(model, initial_epoch, config.epochs, whole_blocks(triplet_dataset(train_batcher, batch_size), replicas),
+            validation, config.steps_per_epoch or TRIPLET_STEPS_PER_EPOCH, callbacks)
         return best_checkpoint(directory, name)
