@@ -96,8 +96,13 @@ def make_strategy(mode: str, timeout_s: float) -> tf.distribute.Strategy:
     if mode == 'none':
         return tf.distribute.get_strategy()
     if mode == 'mirrored':
-        devices = tf.config.list_logical_devices('GPU') or tf.config.list_logical_devices('CPU')
-        return tf.distribute.MirroredStrategy([device.name for device in devices])
+        gpus = tf.config.list_logical_devices('GPU')
+        if gpus:
+            return tf.distribute.MirroredStrategy([device.name for device in gpus])
+        # CPU devices: the default collective all-reduce can pair one layer's batch statistics with another's
+        # gradients (a shape mismatch, or silently wrong values); a reduction on one device keeps them in order.
+        return tf.distribute.MirroredStrategy([device.name for device in tf.config.list_logical_devices('CPU')],
+                                              cross_device_ops=tf.distribute.ReductionToOneDevice())
     cluster_spec()
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_s)
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)

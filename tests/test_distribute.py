@@ -1,0 +1,216 @@
+"""tf.distribute training (distribute.py, train-model --distribute): one step on 2 logical CPU devices against one
+step on one device, for both phases (a process: logical devices must be set before TensorFlow initialises);
+checkpoints moved between strategies and replica counts; mixed precision and XLA against float32; two
+multi-worker processes on 127.0.0.1 (identical weights, chief-only writes, a killed worker, resume); the one-line
+errors of bad distribution options."""
+
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import csv  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+import audio  # noqa: E402
+from batcher import KerasFormatConverter  # noqa: E402
+from cli import cli  # noqa: E402
+from distribute import ClusterConfigError, cluster_spec, weights_digest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+# Two utterances of each of three speakers of samples/LibriSpeech/test-other.
+UTTERANCES = ['1688-142285-0002', '1688-142285-0009', '3005-163389-0004', '3005-163389-0007', '2414-128291-0009',
+              '2414-128291-0003']
+DISTRIBUTED_TOLERANCE = 1e-6  # |distributed update - single-device update| / |single-device update|, in float64.
+MIXED_TOLERANCE = 2e-3  # largest |mixed_float16 - float32| coordinate of the unit-length embeddings.
+XLA_TOLERANCE = 1e-4  # |XLA update - plain update| / |plain update|, float32.
+WORKER_TIMEOUT_S = 240  # a hung worker fails the test instead of CI.
+WEIGHTS_LINE = re.compile(r'Worker (\d): weights ([0-9a-f]+) after epoch (\d+)')
+
+
+# --- One step on 2 logical devices against one on a single device ------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def steps(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp('steps') / 'steps'
+    result = subprocess.run([sys.executable, str(ROOT / 'tests' / 'distributed_steps.py'), str(out)], cwd=ROOT,
+                            env={**os.environ, 'PYTHONPATH': str(ROOT), 'CUDA_VISIBLE_DEVICES': ''},
+                            capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with np.load(f'{out}.npz') as data:
+        arrays = dict(data)
+    weights = {}
+    for key, value in arrays.items():
+        name, _, index = key.partition('/')
+        if index:
+            weights.setdefault(name, {})[int(index)] = value
+    return {**{k: [v[i] for i in range(len(v))] for k, v in weights.items()},
+            **{k: v for k, v in arrays.items() if '/' not in k}}
+
+
+def relative_difference(a: list[np.ndarray], b: list[np.ndarray], initial: list[np.ndarray]) -> float:
+    """|a - b| / |a - initial| over all weights: how far two updates from `initial` differ, relative to one."""
+    difference = np.sqrt(sum(np.sum((x - y) ** 2) for x, y in zip(a, b, strict=True)))
+    update = np.sqrt(sum(np.sum((x - y) ** 2) for x, y in zip(a, initial, strict=True)))
+    assert update > 1e-3, update  # the step changed the weights.
+    return float(difference / update)
+
+
+@pytest.mark.parametrize('phase', ['softmax', 'triplet'])
+def test_one_mirrored_step_on_two_devices_equals_one_step_on_one(steps, phase):
+    difference = relative_difference(steps[f'{phase}_single'], steps[f'{phase}_mirrored'], steps[f'{phase}_initial'])
+    assert difference < DISTRIBUTED_TOLERANCE
+
+
+def test_checkpoints_load_across_strategies_and_resume_with_another_replica_count(steps):
+    for loaded, saved in (('mirrored_loaded_single', 'softmax_mirrored'), ('single_loaded_mirrored', 'softmax_single')):
+        for x, y in zip(steps[loaded], steps[saved], strict=True):
+            np.testing.assert_array_equal(x, y)
+    # The single-device checkpoint resumed under 2 replicas takes the step the single-device model takes next.
+    assert relative_difference(steps['softmax_single_twice'], steps['resumed_mirrored_step'],
+                               steps['softmax_single']) < DISTRIBUTED_TOLERANCE
+
+
+def test_mixed_precision_embeddings_are_close_to_float32_and_train_with_loss_scaling(steps):
+    float32, mixed = steps['embeddings_float32'], steps['embeddings_mixed']
+    assert float32.dtype == mixed.dtype == np.float32  # the L2 normalisation stays in float32.
+    np.testing.assert_allclose(np.linalg.norm(mixed, axis=1), 1.0, atol=1e-5)
+    assert 0 < np.abs(mixed - float32).max() < MIXED_TOLERANCE
+    assert str(steps['mixed_optimizer']) == 'LossScaleOptimizer'
+    assert np.isfinite(steps['mixed_step_loss']).all()
+
+
+def test_xla_step_equals_the_plain_step(steps):
+    assert relative_difference(steps['tdnn_plain'], steps['tdnn_xla'], steps['tdnn_initial']) < XLA_TOLERANCE
+
+
+# --- Two workers on 127.0.0.1 --------------------------------------------------------------------------------------
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(('127.0.0.1', 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def start_workers(wd: Path, scratch: Path, epochs: int) -> list[subprocess.Popen]:
+    """Both workers of a softmax run, each with its TF_CONFIG; worker i's temporary files go to scratch/worker<i>."""
+    hosts = [f'127.0.0.1:{port}' for port in free_ports(2)]
+    workers = []
+    for index in range(2):
+        tmp = scratch / f'worker{index}'
+        tmp.mkdir(parents=True, exist_ok=True)
+        config = {'cluster': {'worker': hosts}, 'task': {'type': 'worker', 'index': index}}
+        env = {**os.environ, 'TF_CONFIG': json.dumps(config), 'TMPDIR': str(tmp), 'CUDA_VISIBLE_DEVICES': ''}
+        workers.append(subprocess.Popen(
+            [sys.executable, 'cli.py', 'train-model', '--working_dir', str(wd), '--pre_training_phase', '--distribute',
+             'multiworker', '--collective_timeout', '5', '--epochs', str(epochs), '--steps_per_epoch', '2',
+             '--width', '0.0625', '--batch_size', '6'],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return workers
+
+
+def state(wd: Path) -> dict:
+    path = wd / 'checkpoints-softmax' / 'ResCNN_state.json'
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+@pytest.fixture(scope='module')
+def multiworker(tmp_path_factory, copy_librispeech) -> dict:
+    """Two softmax workers until the chief has checkpointed an epoch, then worker 1 killed; then both started again
+    (resume) for one more epoch. Returns the working dir, the outputs of both runs and the epochs of the first."""
+    root = tmp_path_factory.mktemp('multiworker')
+    copy_librispeech(root / 'audio', UTTERANCES)
+    wd = root / 'wd'
+    audio.Audio(str(wd), str(root / 'audio'), workers=1)
+    KerasFormatConverter(str(wd)).generate(counts_per_speaker=(6, 3), seed=1)
+    chief, other = start_workers(wd, root / 'run1', epochs=100)
+    deadline = time.monotonic() + WORKER_TIMEOUT_S
+    while state(wd).get('epoch', 0) < 1 and chief.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    other.send_signal(signal.SIGKILL)
+    first = [p.communicate(timeout=WORKER_TIMEOUT_S) for p in (chief, other)]
+    first_rc, finished = chief.returncode, state(wd)['epoch']
+    second = start_workers(wd, root / 'run2', epochs=finished + 1)
+    outputs = [p.communicate(timeout=WORKER_TIMEOUT_S) for p in second]
+    return {'wd': wd, 'root': root, 'first': first, 'first_rc': first_rc, 'finished': finished,
+            'second': outputs, 'second_rc': [p.returncode for p in second]}
+
+
+def test_a_killed_worker_stops_the_other_with_a_clear_message(multiworker):
+    assert multiworker['first_rc'] == 1
+    last_line = multiworker['first'][0][1].strip().splitlines()[-1]
+    assert last_line.startswith('Error: --distribute multiworker: ')
+    assert 'Start every worker again' in last_line and 'resumes' in last_line
+
+
+def test_workers_resume_at_the_right_epoch_and_end_with_identical_weights(multiworker):
+    finished = multiworker['finished']
+    assert multiworker['second_rc'] == [0, 0], multiworker['second'][0][1][-2000:]
+    digests = {}
+    for _, stderr in multiworker['second']:
+        assert f'after epoch {finished}.' in stderr and 'Resuming from' in stderr
+        (index, digest, epoch), = WEIGHTS_LINE.findall(stderr)
+        assert int(epoch) == finished + 1
+        digests[int(index)] = digest
+    assert sorted(digests) == [0, 1] and digests[0] == digests[1]
+    # The chief's checkpoint, written under MultiWorkerMirroredStrategy, loads without one: the same weights.
+    last = multiworker['wd'] / 'checkpoints-softmax' / 'ResCNN_last.keras'
+    assert weights_digest(keras.saving.load_model(last, compile=False)) == digests[0]
+
+
+def test_only_the_chief_writes_checkpoints_history_and_logs(multiworker):
+    wd, finished = multiworker['wd'], multiworker['finished']
+    assert state(wd)['epoch'] == finished + 1
+    with open(wd / 'checkpoints-softmax' / 'history.csv', newline='') as f:
+        epochs = [int(row['epoch']) for row in csv.DictReader(f)]
+    assert epochs == list(range(finished + 1))  # one row per epoch: the other worker appended nothing.
+    assert list((wd / 'logs' / 'softmax').rglob('events.out.tfevents.*'))
+    assert not list((multiworker['root'] / 'run2' / 'worker1').iterdir())  # its scratch dir is gone.
+
+
+# --- Bad input ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('tf_config, expected', [
+    (None, 'TF_CONFIG is not set'),
+    ('{"cluster": ', 'TF_CONFIG is not JSON'),
+    ('{"cluster": {"worker": ["127.0.0.1"]}, "task": {"type": "worker", "index": 0}}', 'no "cluster"'),
+    ('{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 1}}', 'no "task"'),
+])
+def test_malformed_tf_config_is_one_line_naming_the_option(monkeypatch, tmp_path, tf_config, expected):
+    if tf_config is None:
+        monkeypatch.delenv('TF_CONFIG', raising=False)
+    else:
+        monkeypatch.setenv('TF_CONFIG', tf_config)
+    with pytest.raises(ClusterConfigError, match=expected):
+        cluster_spec()
+    result = CliRunner().invoke(cli, ['train-model', '--working_dir', str(tmp_path), '--pre_training_phase',
+                                      '--distribute', 'multiworker'])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('Error: --distribute multiworker: ') and expected in lines[0]
+    assert 'TF_CONFIG' in lines[0]
+
+
+def test_a_triplet_batch_not_divisible_by_three_is_one_line(tmp_path):
+    result = CliRunner().invoke(cli, ['train-model', '--working_dir', str(tmp_path), '--batch_size', '100'])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == ('Error: --batch_size 100: a per-replica triplet batch of 100 crops is not a whole '
+                                     'number of [anchor, positive, negative] triplets. Use a multiple of 3, e.g. 96.')
