@@ -1,8 +1,7 @@
 """Run as a process by test_distribute.py (logical devices must be configured before TensorFlow initialises, once
 per process): splits the CPU into 2 logical devices, then trains one step on the same data with a MirroredStrategy
 over both and with no strategy, for the softmax and the triplet phase, and writes to OUT (argv[1]) an .npz of
-the weights before and after each step, the embeddings of a float32 and a mixed_float16 model with the same
-weights, the weights after one XLA and one plain step, and the weights of checkpoints moved between strategies.
+the weights before and after each step and those of checkpoints moved between strategies and replica counts.
 
 Every step uses SGD: its update is the gradient times the learning rate, so a gradient scaled by the number of
 replicas would show (Adam would hide it). Dropout is off (rate 0): its masks are random on each device. The
@@ -25,8 +24,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from batcher import TripletBatcher  # noqa: E402
-from conv_models import DeepSpeakerModel, TdnnModel  # noqa: E402
-from distribute import make_strategy, precision, synchronize_batch_norm, unsharded, whole_blocks  # noqa: E402
+from conv_models import DeepSpeakerModel  # noqa: E402
+from distribute import make_strategy, synchronize_batch_norm, unsharded, whole_blocks  # noqa: E402
 from triplet_loss import deep_speaker_loss  # noqa: E402
 
 WIDTH = 0.0625
@@ -36,10 +35,10 @@ SPEAKERS = 4
 LEARNING_RATE = 0.5
 
 
-def compiled(strategy, build, loss, initial: list | None, jit: bool = False) -> keras.Model:
+def compiled(strategy, build, loss, initial: list | None) -> keras.Model:
     with strategy.scope():
         model = build()
-        model.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE), loss=loss, jit_compile=jit)
+        model.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE), loss=loss)
     if initial is not None:
         model.set_weights(initial)
     for layer in model.layers:
@@ -112,36 +111,6 @@ def main(out: str) -> None:
         (one_block, np.zeros(len(one_block)))).batch(len(one_block)))
     distributed = compiled(mirrored, short_triplet_model, deep_speaker_loss, results['triplet_initial'])
     results['triplet_mirrored'] = stepped(distributed, whole_blocks(block_stream, 2))
-
-    # Mixed precision (float32 crops of the usual length from here): the embeddings of a mixed_float16 model with
-    # the float32 model's weights; one mixed step.
-    keras.config.set_floatx('float32')
-    kx = rng.normal(size=(12, 160, 64, 1)).astype(np.float32)
-    one_block = kx[:PER_REPLICA]
-
-    def triplet_model():
-        return DeepSpeakerModel(width=WIDTH).m
-
-    reference = compiled(single, triplet_model, deep_speaker_loss, None)
-    initial = reference.get_weights()
-    results['embeddings_float32'] = reference.predict_on_batch(kx)
-    with precision(True):
-        mixed = compiled(single, triplet_model, deep_speaker_loss, initial)
-    results['mixed_optimizer'] = np.array(type(mixed.optimizer).__name__)
-    results['embeddings_mixed'] = mixed.predict_on_batch(kx)
-    results['mixed_step_loss'] = np.array(mixed.fit(one_block, np.zeros(len(one_block)), batch_size=len(one_block),
-                                                    epochs=1, verbose=0).history['loss'])
-
-    # XLA: one TDNN step compiled with XLA against one without.
-    def tdnn():
-        return TdnnModel(width=WIDTH).m
-
-    plain = compiled(single, tdnn, deep_speaker_loss, None)
-    initial = plain.get_weights()
-    block = tf.data.Dataset.from_tensor_slices((one_block, np.zeros(len(one_block), np.float32))).batch(len(one_block))
-    results['tdnn_initial'] = initial
-    results['tdnn_plain'] = stepped(plain, block)
-    results['tdnn_xla'] = stepped(compiled(single, tdnn, deep_speaker_loss, initial, jit=True), block)
 
     flat = {}
     for key, value in results.items():
