@@ -122,16 +122,20 @@ def triplet_dataset(batcher: TripletBatcher, batch_size: int) -> tf.data.Dataset
     return tf.data.Dataset.from_generator(batches, output_signature=signature).prefetch(TRIPLET_PREFETCH_BATCHES)
 
 
-def phase_callbacks(directory: Path, writes: tuple[Path, Path], name: str, monitor: str, mode: str) -> list:
-    """Learning-rate schedule, early stopping, atomic checkpoints, the CSV history and TensorBoard logs; the
-    training state is read from `directory`, checkpoints and history written to writes[0], logs to writes[1]."""
+def phase_callbacks(directory: Path, working_dir: Path, name: str, phase: str, monitor: str, mode: str,
+                    scratch: Path | None = None) -> list:
+    """Learning-rate schedule, early stopping, atomic checkpoints, the CSV history and TensorBoard logs. The
+    training state is read from `directory`; with `scratch` (a worker other than the chief) everything is written
+    there instead of `directory` and the working dir's logs."""
     schedules = (keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=REDUCE_LR_FACTOR,
                                                    patience=REDUCE_LR_PATIENCE, min_lr=MIN_LEARNING_RATE),
                  keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, min_delta=EARLY_STOPPING_MIN_DELTA,
                                                patience=EARLY_STOPPING_PATIENCE))
-    return [*schedules, AtomicCheckpoint(directory, name, monitor, mode, counted=schedules, save_dir=writes[0]),
-            keras.callbacks.CSVLogger(str(writes[0] / 'history.csv'), append=True),
-            keras.callbacks.TensorBoard(log_dir=str(writes[1]))]
+    writes = scratch or directory
+    logs = scratch / 'logs' if scratch else WorkingDir.of(working_dir).logs_dir(phase)
+    return [*schedules, AtomicCheckpoint(directory, name, monitor, mode, counted=schedules, save_dir=writes),
+            keras.callbacks.CSVLogger(str(writes / 'history.csv'), append=True),
+            keras.callbacks.TensorBoard(log_dir=str(logs))]
 
 
 def fit(model: keras.Model, initial_epoch: int, epochs: int, train, validation, steps_per_epoch: int,
@@ -198,16 +202,16 @@ def phase_strategy(config: TrainConfig) -> tf.distribute.Strategy:
 
 
 @contextmanager
-def written_dirs(strategy: tf.distribute.Strategy, directory: Path, logs: Path) -> Iterator[tuple[Path, Path]]:
-    """(checkpoint dir, logs dir) this process writes, for the block: on the chief the phase's own (under its
-    training lock); on the other workers a temporary dir, deleted afterwards (Keras' multi-worker recipe: every
-    worker saves, so that collective operations stay in step, but only the chief's files are kept)."""
+def scratch_dir(strategy: tf.distribute.Strategy, directory: Path) -> Iterator[Path | None]:
+    """For the block: on the chief None (it writes the phase's own dirs, under the phase's training lock); on the
+    other workers a temporary dir for their checkpoints, history and logs, deleted afterwards (Keras' multi-worker
+    recipe: every worker saves, only the chief's files are kept)."""
     if is_chief(strategy):
         with training_lock(directory):
-            yield directory, logs
+            yield None
         return
     with tempfile.TemporaryDirectory(prefix=f'deep-speaker-worker{worker_index(strategy)}-') as scratch:
-        yield Path(scratch), Path(scratch) / 'logs'
+        yield Path(scratch)
 
 
 def prepared(model: keras.Model, strategy: tf.distribute.Strategy, config: TrainConfig) -> keras.Model:
@@ -239,7 +243,7 @@ def train_softmax(config: TrainConfig) -> Path:
     best checkpoint's path. A resumed run keeps the architecture, learning rate and precision of its checkpoint."""
     strategy = phase_strategy(config)
     working_dir, converter, directory = phase_inputs(config, 'softmax')
-    with written_dirs(strategy, directory, working_dir.logs_dir('softmax')) as writes:
+    with scratch_dir(strategy, directory) as scratch:
         kx_train, ky_train = converter.load('train')
         kx_test, ky_test = converter.load('test')
         num_speakers = converter.num_speakers
@@ -266,7 +270,7 @@ def train_softmax(config: TrainConfig) -> Path:
         train = softmax_dataset(kx_train, ky_train, batch_size, worker_seed(config.seed, strategy))
         fit(model, initial_epoch, config.epochs, unsharded(train),
             unsharded(softmax_dataset(kx_test, ky_test, batch_size, None)), steps,
-            phase_callbacks(directory, writes, name, 'val_accuracy', 'max'))
+            phase_callbacks(directory, working_dir.root, name, 'softmax', 'val_accuracy', 'max', scratch))
         return best_checkpoint(directory, name)
 
 
@@ -285,7 +289,7 @@ def train_triplet(config: TrainConfig) -> Path:
         raise MinedTripletsError(f'{config.mining} triplets need a mining history, which multi-worker training '
                                  f'cannot refresh yet.')
     working_dir, converter, directory = phase_inputs(config, 'triplet')
-    with written_dirs(strategy, directory, working_dir.logs_dir('triplet')) as writes:
+    with scratch_dir(strategy, directory) as scratch:
         kx_train, ky_train = converter.load('train')
         kx_test, ky_test = converter.load('test')
         name = MODELS[config.model_name].name
@@ -311,7 +315,7 @@ def train_triplet(config: TrainConfig) -> Path:
         with strategy.scope(), precision(config.mixed_precision):
             model, initial_epoch = resumed_or_new(directory, name, new_model)
         prepared(model, strategy, config)
-        callbacks = phase_callbacks(directory, writes, name, 'val_loss', 'min')
+        callbacks = phase_callbacks(directory, working_dir.root, name, 'triplet', 'val_loss', 'min', scratch)
         selector = random_triplets
         if config.mining != 'random':
             selector = HardNegativeMiner(ky_train, config.mining, min(config.history_size, len(ky_train)),
