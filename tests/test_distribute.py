@@ -140,3 +140,25 @@ def test_a_triplet_batch_not_divisible_by_three_is_one_line(tmp_path):
     assert result.exit_code == 1
     assert result.stderr.strip() == ('Error: --batch_size 100: a per-replica triplet batch of 100 crops is not a whole '
                                      'number of [anchor, positive, negative] triplets. Use a multiple of 3, e.g. 96.')
+
+
+# --- The GPU build of ./deep-speaker setup ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('args, gpu_env, expected', [
+    ([], None, 'tensorflow-cpu==2.21.0'),
+    (['--gpu'], None, 'tensorflow[and-cuda]==2.21.0'),
+    ([], '1', 'tensorflow[and-cuda]==2.21.0'),
+    (['--gpu'], '0', 'tensorflow-cpu==2.21.0'),
+])
+def test_setup_installs_the_cuda_build_when_asked(tmp_path, args, gpu_env, expected):
+    env = {key: value for key, value in os.environ.items() if key != 'DEEP_SPEAKER_GPU'}
+    env['VENV'] = str(tmp_path / 'venv')  # no venv there: the requirements come from the files alone.
+    if gpu_env is not None:
+        env['DEEP_SPEAKER_GPU'] = gpu_env
+    result = subprocess.run([str(ROOT / 'deep-speaker'), 'requirements', *args], capture_output=True, text=True,
+                            env=env, timeout=30)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line for line in lines if line.startswith('tensorflow') and 'board' not in line] == [expected]
+    assert not any(line.startswith('-r ') for line in lines) and 'keras==3.15.1' in lines and 'pytest==9.2.0' in lines
