@@ -344,13 +344,17 @@ class AtomicCheckpoint(keras.callbacks.Callback):
     Writes go through a temporary file (`.<name>.<pid>-<random>.tmp.keras`, `.<name>_state.<pid>-<random>.tmp.json`)
     and a rename, so a killed write never leaves a checkpoint that loads wrong; the temporary files of killed runs
     (their process is gone) are deleted at the start. With `keep_epochs`, also saves `<name>_epoch<NNNN>.keras`
-    after each epoch and deletes all but the last `keep_epochs` of them (for average_checkpoints)."""
+    after each epoch and deletes all but the last `keep_epochs` of them (for average_checkpoints). The state is
+    read from `directory` and everything is written to `save_dir` (default `directory`; another worker than the
+    chief of a multi-worker run writes to a scratch dir)."""
 
-    def __init__(self, directory: Path, name: str, monitor: str, mode: str, counted: tuple = (), keep_epochs: int = 0):
+    def __init__(self, directory: Path, name: str, monitor: str, mode: str, counted: tuple = (), keep_epochs: int = 0,
+                 save_dir: Path | None = None):
         super().__init__()
-        self.directory, self.name, self.monitor, self.mode, self.counted = directory, name, monitor, mode, counted
+        self.name, self.monitor, self.mode, self.counted = name, monitor, mode, counted
         self.keep_epochs = keep_epochs
         self.state = read_state(directory, name)
+        directory = self.directory = save_dir or directory
         self.best, self.seconds = self.state.get('best'), self.state.get('seconds', 0.0)
         self.epoch_start = time.perf_counter()
         for pattern in (f'.{name}.*.tmp.keras', f'.{state_file(directory, name).stem}.*.tmp.json'):

@@ -24,6 +24,7 @@ from constants import (
     CHANNEL_SNR_RANGE_DB,
     CHECKPOINTS_TRIPLET_DIR,
     CLASSIFICATION_LOSSES,
+    COLLECTIVE_TIMEOUT_S,
     COUNTS_PER_SPEAKER,
     DCF_P_TARGET,
     DEFAULT_CHECKPOINT,
@@ -34,6 +35,7 @@ from constants import (
     DEFAULT_TOP_K,
     DEFAULT_TRIPLET_MINING,
     DEFAULT_WORKING_DIR,
+    DISTRIBUTE_MODES,
     EXPORT_FORMATS,
     MARGIN_RANGE,
     MARGIN_SCALE,
@@ -272,7 +274,9 @@ def build_packed_store(working_dir, dtype):
               help='Total epochs of the phase; a resumed run trains up to this number.')
 @click.option('--steps_per_epoch', default=None, type=click.IntRange(min=1),
               help=f'Batches per epoch [default: softmax one pass over kx_train, triplet {TRIPLET_STEPS_PER_EPOCH}].')
-@click.option('--batch_size', default=BATCH_SIZE, show_default=True, type=click.IntRange(min=3))
+@click.option('--batch_size', default=BATCH_SIZE, show_default=True, type=click.IntRange(min=3),
+              help='Crops per batch of each replica (device); the global batch is this times the replicas. Triplet '
+                   'phase: a multiple of 3.')
 @click.option('--learning_rate', default=None, type=click.FloatRange(min=0, min_open=True),
               help=f'Learning rate: Adam in the softmax phase [default: {SOFTMAX_LEARNING_RATE:g}], SGD in the '
                    f'triplet phase [default: {TRIPLET_LEARNING_RATE:g}]; a resumed run keeps its own.')
@@ -321,11 +325,23 @@ def build_packed_store(working_dir, dtype):
               help=f'SpecAugment every training crop (both phases): {SPEC_AUGMENT_TIME_MASKS[0]} time masks of up to '
                    f'{SPEC_AUGMENT_TIME_MASKS[1]} frames and {SPEC_AUGMENT_FREQ_MASKS[0]} frequency masks of up to '
                    f'{SPEC_AUGMENT_FREQ_MASKS[1]} fbank channels, seeded by --seed.')
+@click.option('--distribute', default=None, type=click.Choice(DISTRIBUTE_MODES),
+              help='none: one device; mirrored: every GPU of this machine; multiworker: the machines of TF_CONFIG '
+                   '(README "More than one GPU or machine") [default: mirrored with more than one GPU, else none].')
+@click.option('--scale_lr', is_flag=True,
+              help='Multiply the learning rate of a new model by the number of replicas (linear scaling).')
+@click.option('--mixed_precision', is_flag=True,
+              help='Compute in float16 with float32 weights, softmax, normalisation and losses, and loss scaling '
+                   '(a GPU speed-up; slow on a CPU). A resumed run keeps its checkpoint\'s precision.')
+@click.option('--jit_compile', is_flag=True, help='Compile the training step with XLA.')
+@click.option('--collective_timeout', default=COLLECTIVE_TIMEOUT_S, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help='--distribute multiworker: seconds to wait for the other workers before stopping.')
 @seed_option
 def train_model(working_dir, pre_training_phase, from_scratch, epochs, steps_per_epoch, batch_size, learning_rate,
                 triplet_mining, history_size, refresh_every, inference_batch, model, width, tdnn_layers, dropout,
                 bn_before_relu, val_speakers, average_last, sampler, speaker_sampling, channels, loss, margin, scale,
-                spec_augment, seed):
+                spec_augment, distribute, scale_lr, mixed_precision, jit_compile, collective_timeout, seed):
     """Trains one phase; checkpoints go to WORKING_DIR/checkpoints-softmax or checkpoints-triplets. The triplet
     phase (the default) starts from the best softmax checkpoint, with its architecture. One run per phase and
     working dir at a time."""
@@ -343,6 +359,7 @@ def train_model(working_dir, pre_training_phase, from_scratch, epochs, steps_per
         options['channels'] = channels
     from batcher import InputsError
     from checkpoints import AveragingError, CheckpointError
+    from distribute import ClusterConfigError, MinedTripletsError, TripletBatchError, WorkerLostError
     from losses import LossOptionError, classification_loss
     from train import NoPretrainingError, TrainConfig, train_softmax, train_triplet
     from validation import ValidationError
@@ -361,7 +378,9 @@ def train_model(working_dir, pre_training_phase, from_scratch, epochs, steps_per
                          refresh_every=refresh_every, inference_batch=inference_batch,
                          from_scratch=from_scratch, val_speakers=val_speakers, average_last=average_last,
                          sampler=sampler, speaker_sampling=speaker_sampling, loss=loss, margin=margin, scale=scale,
-                         spec_augment=spec_augment)
+                         spec_augment=spec_augment, distribute=distribute, scale_lr=scale_lr,
+                         mixed_precision=mixed_precision, jit_compile=jit_compile,
+                         collective_timeout=collective_timeout)
     try:
         best = (train_softmax if pre_training_phase else train_triplet)(config)
     except NoPretrainingError as e:
@@ -376,6 +395,18 @@ def train_model(working_dir, pre_training_phase, from_scratch, epochs, steps_per
     except AveragingError as e:
         fail(f'--average_last {average_last}: only {e.kept} epoch checkpoints are kept in {e.directory}; give at '
              f'most {e.kept} (the training is saved: run train-model again with it to average).')
+    except ClusterConfigError as e:
+        fail(f'--distribute multiworker: {e} Set TF_CONFIG on every machine as the README\'s "More than one GPU or '
+             f'machine" shows, or use --distribute mirrored (one machine) or none.')
+    except TripletBatchError as e:
+        fail(f'--batch_size {batch_size}: {e} Use a multiple of 3, e.g. {BATCH_SIZE}.')
+    except MinedTripletsError as e:
+        fail(f'--triplet_mining {triplet_mining} with --distribute multiworker: {e} Use --triplet_mining random, '
+             f'or --distribute mirrored on one machine.')
+    except WorkerLostError as e:
+        fail(f'--distribute multiworker: {e}; another worker stopped or does not answer within '
+             f'--collective_timeout {collective_timeout:g} s. Start every worker again with the same command: '
+             f'training resumes from the chief\'s last checkpoint.')
     except (CheckpointError, InputsError) as e:
         fail(str(e))
     except OSError as e:

@@ -108,6 +108,14 @@ VALIDATION_SPEAKERS_FILE = 'validation-speakers.json'  # in a phase's checkpoint
 EMBEDDING_LAYER = 'affine'  # the layer whose (L2-normalised) output is the embedding, softmax head or not.
 EPOCH_CHECKPOINT_DIGITS = 4  # <Model>_epoch0007.keras: the epoch checkpoints --average_last keeps.
 
+# Several devices and machines (distribute.py): train-model --distribute, --mixed_precision.
+DISTRIBUTE_MODES = ('none', 'mirrored', 'multiworker')  # one device; a machine's GPUs; the machines of TF_CONFIG.
+TF_CONFIG_ENV = 'TF_CONFIG'  # TensorFlow's cluster description for multi-worker training.
+WORKER_SEED_STRIDE = 1_000_003  # worker i draws its batches with seed + i * this.
+COLLECTIVE_TIMEOUT_S = 120.0  # seconds a multi-worker collective operation waits for the other workers.
+MIXED_PRECISION_POLICY = 'mixed_float16'  # Keras' policy: float16 computations, float32 weights.
+GPU_ENV = 'DEEP_SPEAKER_GPU'  # ./deep-speaker setup installs TensorFlow's CUDA build when this is 1 (or --gpu).
+
 # Inference (embedding.embed_crops): crops per forward pass. Evaluation and trial lists use this; the mining
 # history refresh uses the training batch (train-model --inference_batch lowers it).
 INFERENCE_BATCH_SIZE = 64

@@ -192,7 +192,8 @@ class SpeakerModel:
     (batch, 512) from the `affine` layer, or with `include_softmax` a classification head over
     num_speakers_softmax speakers: with `head='softmax'` their probabilities (layer `softmax_layer`), with
     `head='cosine'` the cosines of the embedding with each speaker's weight vector (layer `cosine_layer`, for the
-    margin losses of losses.py). `width` scales the layers; 1.0 is the published size.
+    margin losses of losses.py); both float32 (also when built under a mixed_float16 policy, which computes the
+    layers before them in float16). `width` scales the layers; 1.0 is the published size.
     """
 
     name = ''
@@ -217,12 +218,12 @@ class SpeakerModel:
         if include_softmax:
             x = layers.Dropout(SOFTMAX_DROPOUT, name='dropout')(x)
         x = layers.Dense(EMBEDDING_SIZE, name='affine')(x)
-        if include_softmax and head == 'cosine':
-            x = CosineHead(num_speakers_softmax, name='cosine_layer')(x)
+        if include_softmax and head == 'cosine':  # float32 under mixed precision, like the L2 normalisation.
+            x = CosineHead(num_speakers_softmax, name='cosine_layer', dtype='float32')(x)
         elif include_softmax:
-            x = layers.Dense(num_speakers_softmax, activation='softmax', name='softmax_layer')(x)
+            x = layers.Dense(num_speakers_softmax, activation='softmax', name='softmax_layer', dtype='float32')(x)
         else:
-            x = layers.UnitNormalization(axis=1, name='ln')(x)
+            x = layers.UnitNormalization(axis=1, name='ln', dtype='float32')(x)
         self.m = keras.Model(inputs, x, name=self.name)
 
     def keras_model(self) -> keras.Model:

@@ -3,15 +3,19 @@ streamed with tf.data from the memory-mapped model inputs (or, with the windows 
 packed store), checkpointed atomically and resumed from the last finished epoch; the mining history is
 re-embedded with embedding.embed_crops. With `val_speakers`, some training speakers are held out and scored as
 verification trials every epoch (validation.py), which then chooses the best checkpoint; with `average_last`, the
-last epoch checkpoints are averaged after training.
+last epoch checkpoints are averaged after training. Both phases run under a tf.distribute strategy
+(distribute.py): TrainConfig.batch_size is the batch of each replica, the global batch is that times the
+replicas, and only the chief writes checkpoints, the CSV history and TensorBoard logs.
 
-Imports checkpoints, embedding, sampler, store, batcher, conv_models, losses, spec_augment, triplet_loss,
-validation, workdir and constants."""
+Imports checkpoints, distribute, embedding, sampler, store, batcher, conv_models, losses, spec_augment,
+triplet_loss, validation, workdir and constants."""
 
 import logging
 import math
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,6 +29,7 @@ from batcher import HardNegativeMiner, KerasFormatConverter, TripletBatcher, ran
 from checkpoints import AtomicCheckpoint, CheckpointError, average_last_epochs, build_model, read_state, resumed_or_new
 from constants import (
     BATCH_SIZE,
+    COLLECTIVE_TIMEOUT_S,
     DEFAULT_EPOCHS,
     DEFAULT_LOSS,
     DEFAULT_SEED,
@@ -47,6 +52,21 @@ from constants import (
     TRIPLET_VALIDATION_BATCHES,
 )
 from conv_models import MODELS
+from distribute import (
+    MinedTripletsError,
+    WorkerLostError,
+    check_triplet_batch,
+    default_mode,
+    is_chief,
+    make_strategy,
+    precision,
+    synchronize_batch_norm,
+    unsharded,
+    weights_digest,
+    whole_blocks,
+    worker_index,
+    worker_seed,
+)
 from embedding import embed_crops
 from losses import classification_loss, head_of
 from sampler import (
@@ -133,28 +153,43 @@ def triplet_dataset(batcher: TripletBatcher, batch_size: int) -> tf.data.Dataset
 
 
 def phase_callbacks(directory: Path, working_dir: Path, name: str, phase: str, monitor: str, mode: str,
-                    first: list = (), keep_epochs: int = 0) -> list:
+                    first: list = (), keep_epochs: int = 0, scratch: Path | None = None) -> list:
     """The `first` callbacks (those that add to the logs the others read, e.g. SpeakerValidation), learning-rate
     schedule, early stopping, atomic checkpoints (keeping `keep_epochs` epoch checkpoints), the CSV history and
-    TensorBoard logs."""
+    TensorBoard logs. The training state is read from `directory`; with `scratch` (a worker other than the chief)
+    everything is written there instead of `directory` and the working dir's logs."""
     schedules = (keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=REDUCE_LR_FACTOR,
                                                    patience=REDUCE_LR_PATIENCE, min_lr=MIN_LEARNING_RATE),
                  keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, min_delta=EARLY_STOPPING_MIN_DELTA,
                                                patience=EARLY_STOPPING_PATIENCE))
-    checkpoint = AtomicCheckpoint(directory, name, monitor, mode, counted=schedules, keep_epochs=keep_epochs)
-    return [*first, *schedules, checkpoint,
-            keras.callbacks.CSVLogger(str(directory / 'history.csv'), append=True),
-            keras.callbacks.TensorBoard(log_dir=str(WorkingDir.of(working_dir).logs_dir(phase)))]
+    writes = scratch or directory
+    logs = scratch / 'logs' if scratch else WorkingDir.of(working_dir).logs_dir(phase)
+    checkpoint = AtomicCheckpoint(directory, name, monitor, mode, counted=schedules, keep_epochs=keep_epochs,
+                                  save_dir=writes)
+    return [*first, *schedules, checkpoint, keras.callbacks.CSVLogger(str(writes / 'history.csv'), append=True),
+            keras.callbacks.TensorBoard(log_dir=str(logs))]
 
 
 def fit(model: keras.Model, initial_epoch: int, epochs: int, train, validation, steps_per_epoch: int,
         callbacks: list) -> None:
+    """model.fit from `initial_epoch` to `epochs`; WorkerLostError when a collective operation of multi-worker
+    training fails (another worker died or stopped answering)."""
     if initial_epoch >= epochs:
         logger.info('Already trained %d epochs (asked for %d); nothing to do. Raise --epochs to go on.',
                     initial_epoch, epochs)
         return
-    model.fit(train, validation_data=validation, epochs=epochs, initial_epoch=initial_epoch,
-              steps_per_epoch=steps_per_epoch, callbacks=callbacks, shuffle=False, verbose=2)
+    strategy = model.distribute_strategy
+    try:
+        model.fit(train, validation_data=validation, epochs=epochs, initial_epoch=initial_epoch,
+                  steps_per_epoch=steps_per_epoch, callbacks=callbacks, shuffle=False, verbose=2)
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
+            tf.errors.InternalError) as e:
+        if getattr(strategy, 'cluster_resolver', None) is None:
+            raise
+        message = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise WorkerLostError(f'a collective operation failed ({type(e).__name__}: {message[:200]})') from None
+    if strategy.num_replicas_in_sync > 1:
+        logger.info('Worker %d: weights %s after epoch %d.', worker_index(strategy), weights_digest(model), epochs)
 
 
 @dataclass(frozen=True)
@@ -182,6 +217,11 @@ class TrainConfig:
     margin: float | None = None  # softmax phase, margin losses: None for the loss's default.
     scale: float | None = None  # softmax phase, margin losses: None for the loss's default.
     spec_augment: bool = False  # both phases: SpecAugment masks on every training crop (spec_augment.py).
+    distribute: str | None = None  # 'none', 'mirrored' or 'multiworker' (distribute.py); None: default_mode().
+    scale_lr: bool = False  # multiply the learning rate of a new model by the number of replicas.
+    mixed_precision: bool = False  # build a new model under the mixed_float16 policy (a resumed one keeps its own).
+    jit_compile: bool = False  # compile the training step with XLA.
+    collective_timeout: float = COLLECTIVE_TIMEOUT_S  # multiworker: seconds before a silent worker is given up.
 
 
 class NoPretrainingError(CheckpointError):
@@ -190,6 +230,42 @@ class NoPretrainingError(CheckpointError):
     def __init__(self, path: Path):
         super().__init__(f'{path}: no softmax checkpoint to start the triplet phase from.')
         self.path = path
+
+
+def phase_strategy(config: TrainConfig) -> tf.distribute.Strategy:
+    """The strategy of `config.distribute` (created before any other TensorFlow operation runs)."""
+    mode = config.distribute or default_mode()
+    strategy = make_strategy(mode, config.collective_timeout)
+    logger.info('Distribution: %s, %d replica(s); per-replica batch %d, global batch %d.', mode,
+                strategy.num_replicas_in_sync, config.batch_size, config.batch_size * strategy.num_replicas_in_sync)
+    return strategy
+
+
+@contextmanager
+def scratch_dir(strategy: tf.distribute.Strategy, directory: Path) -> Iterator[Path | None]:
+    """For the block: on the chief None (it writes the phase's own dirs, under the phase's training lock); on the
+    other workers a temporary dir for their checkpoints, history and logs, deleted afterwards (Keras' multi-worker
+    recipe: every worker saves, only the chief's files are kept)."""
+    if is_chief(strategy):
+        with training_lock(directory):
+            yield None
+        return
+    with tempfile.TemporaryDirectory(prefix=f'deep-speaker-worker{worker_index(strategy)}-') as scratch:
+        yield Path(scratch)
+
+
+def prepared(model: keras.Model, strategy: tf.distribute.Strategy, config: TrainConfig) -> keras.Model:
+    """`model` with batch statistics over the global batch (synchronize_batch_norm) and XLA as asked."""
+    synchronize_batch_norm(model, strategy)
+    model.jit_compile = config.jit_compile
+    return model
+
+
+def learning_rate(config: TrainConfig, default: float, strategy: tf.distribute.Strategy) -> float:
+    """The learning rate of a new model: `config.learning_rate` (else `default`), times the replicas with
+    `config.scale_lr`."""
+    rate = config.learning_rate or default
+    return rate * strategy.num_replicas_in_sync if config.scale_lr else rate
 
 
 def phase_inputs(config: TrainConfig, phase: str) -> tuple[WorkingDir, KerasFormatConverter | None, Path]:
@@ -288,11 +364,11 @@ class SoftmaxData(NamedTuple):
 
 
 def softmax_data(config: TrainConfig, working_dir: WorkingDir, converter: KerasFormatConverter | None,
-                 directory: Path, name: str) -> SoftmaxData:
-    """The fixed crops of the model inputs (one pass over kx_train per epoch), or fresh windows of the packed
-    store's training utterances (as many batches per epoch as one window per utterance takes), validated on
-    windows of its held-out utterances drawn once; without the speakers held out for `config.val_speakers`."""
-    batch_size, seed = config.batch_size, config.seed
+                 directory: Path, name: str, batch_size: int, seed: int) -> SoftmaxData:
+    """Batches of `batch_size` (the global batch) of the fixed crops of the model inputs (one pass over kx_train
+    per epoch), or of fresh windows of the packed store's training utterances (as many batches per epoch as one
+    window per utterance takes), validated on windows of its held-out utterances drawn once; without the speakers
+    held out for `config.val_speakers`. `seed`: this worker's."""
     if config.sampler == 'windows':
         split, held_out = window_split(config, working_dir, directory, name)
         sampler = WindowSampler(split.store, split.train, config.speaker_sampling, seed)
@@ -317,23 +393,27 @@ def training_batches(dataset: tf.data.Dataset, config: TrainConfig, initial_epoc
 def train_softmax(config: TrainConfig) -> Path:
     """Classification pre-training (Adam) of the model `config.model_name` on kx_train with `config.loss` (softmax,
     or a margin loss over a cosine head), validated on kx_test; returns the best checkpoint's path. A resumed run
-    keeps the architecture, loss and learning rate of its checkpoint. LossOptionError for a margin or scale out of
-    range, before anything is read."""
+    keeps the architecture, loss, learning rate and precision of its checkpoint. LossOptionError for a margin or
+    scale out of range, before anything is read."""
     loss = classification_loss(config.loss, config.margin, config.scale)
+    strategy = phase_strategy(config)
     working_dir, converter, directory = phase_inputs(config, 'softmax')
     name = MODELS[config.model_name].name
-    with training_lock(directory):
-        data = softmax_data(config, working_dir, converter, directory, name)
+    with scratch_dir(strategy, directory) as scratch:
+        data = softmax_data(config, working_dir, converter, directory, name,
+                            config.batch_size * strategy.num_replicas_in_sync, worker_seed(config.seed, strategy))
         num_speakers = data.num_speakers
 
         def new_model():
             dsm = MODELS[config.model_name](include_softmax=True, num_speakers_softmax=num_speakers, width=config.width,
                                             head=head_of(config.loss), **config.model_options)
-            dsm.m.compile(optimizer=keras.optimizers.Adam(config.learning_rate or SOFTMAX_LEARNING_RATE),
+            dsm.m.compile(optimizer=keras.optimizers.Adam(learning_rate(config, SOFTMAX_LEARNING_RATE, strategy)),
                           loss=loss, metrics=['accuracy'])
             return dsm.m
 
-        model, initial_epoch = resumed_or_new(directory, name, new_model)
+        with strategy.scope(), precision(config.mixed_precision):
+            model, initial_epoch = resumed_or_new(directory, name, new_model)
+        prepared(model, strategy, config)
         if model.output_shape[-1] != num_speakers:
             raise CheckpointError(f'{last_checkpoint(directory, name)}: trained on {model.output_shape[-1]} speakers, '
                                   f'but the model inputs have {num_speakers}; delete {directory} or use another '
@@ -344,10 +424,10 @@ def train_softmax(config: TrainConfig) -> Path:
                     describe_loss(model.loss))
         steps = config.steps_per_epoch or data.steps
         train = training_batches(data.train(initial_epoch * steps), config, initial_epoch)
-        fit(model, initial_epoch, config.epochs, train, data.validation, steps,
+        fit(model, initial_epoch, config.epochs, unsharded(train), unsharded(data.validation), steps,
             phase_callbacks(directory, working_dir.root, name, 'softmax',
                             *monitored(data.held_out, 'val_accuracy', 'max'), data.held_out.callbacks,
-                            config.average_last))
+                            config.average_last, scratch))
         return finish_phase(config, directory, name)
 
 
@@ -398,12 +478,18 @@ def train_triplet(config: TrainConfig) -> Path:
     `config.history_size` crops re-embedded every `config.refresh_every` batches, `config.inference_batch` crops
     at a time (default `config.batch_size`: a refresh then needs less memory than a training step, at any width).
     """
+    check_triplet_batch(config.batch_size)
+    strategy = phase_strategy(config)
+    if config.mining != 'random' and getattr(strategy, 'cluster_resolver', None) is not None:
+        raise MinedTripletsError(f'{config.mining} triplets need a mining history, which multi-worker training '
+                                 f'cannot refresh yet.')
     working_dir, converter, directory = phase_inputs(config, 'triplet')
     name = MODELS[config.model_name].name
-    with training_lock(directory):
+    with scratch_dir(strategy, directory) as scratch:
         data = triplet_data(config, working_dir, converter, directory, name)
         kx_train, ky_train, kx_test, ky_test = data.kx_train, data.ky_train, data.kx_test, data.ky_test
-        seed, batch_size = config.seed, config.batch_size
+        seed, batch_size = worker_seed(config.seed, strategy), config.batch_size
+        replicas = strategy.num_replicas_in_sync
 
         def new_model():
             pre_trained = working_dir.best_checkpoint('softmax', name)
@@ -417,16 +503,18 @@ def train_triplet(config: TrainConfig) -> Path:
                 dsm = MODELS[config.model_name](width=config.width, **config.model_options)
             else:
                 raise NoPretrainingError(pre_trained)
-            dsm.m.compile(optimizer=keras.optimizers.SGD(config.learning_rate or TRIPLET_LEARNING_RATE,
+            dsm.m.compile(optimizer=keras.optimizers.SGD(learning_rate(config, TRIPLET_LEARNING_RATE, strategy),
                                                          momentum=TRIPLET_MOMENTUM),
                           loss=deep_speaker_loss)
             return dsm.m
 
-        model, initial_epoch = resumed_or_new(directory, name, new_model)
+        with strategy.scope(), precision(config.mixed_precision):
+            model, initial_epoch = resumed_or_new(directory, name, new_model)
+        prepared(model, strategy, config)
         record_held_out(directory, data.held_out.speakers)
         callbacks = phase_callbacks(directory, working_dir.root, name, 'triplet',
                                     *monitored(data.held_out, 'val_loss', 'min'), data.held_out.callbacks,
-                                    config.average_last)
+                                    config.average_last, scratch)
         selector = random_triplets
         if config.mining != 'random':
             selector = data.miner(ky_train, config.mining, min(config.history_size, len(ky_train)),
@@ -434,13 +522,13 @@ def train_triplet(config: TrainConfig) -> Path:
             callbacks.append(MiningRefresh(selector, kx_train, config.refresh_every,
                                            config.inference_batch or batch_size))
         train_batcher = data.batcher(kx_train, ky_train, seed=seed + initial_epoch, selector=selector)
-        test_batcher = data.batcher(kx_test, ky_test, seed=seed)
+        test_batcher = data.batcher(kx_test, ky_test, seed=config.seed)
         validation = [test_batcher.get_batch(batch_size) for _ in range(TRIPLET_VALIDATION_BATCHES)]
         validation = (np.concatenate([x for x, _ in validation]), np.concatenate([y for _, y in validation]))
-        validation = tf.data.Dataset.from_tensor_slices(validation).batch(3 * (batch_size // 3))
+        validation = unsharded(tf.data.Dataset.from_tensor_slices(validation).batch(batch_size * replicas))
         logger.info('Triplet phase: %d speakers (%d held out), %s parameters, %s triplets.', data.num_speakers,
                     len(data.held_out.speakers), f'{model.count_params():,}', config.mining)
-        fit(model, initial_epoch, config.epochs,
-            training_batches(triplet_dataset(train_batcher, batch_size), config, initial_epoch), validation,
+        train = training_batches(triplet_dataset(train_batcher, batch_size), config, initial_epoch)
+        fit(model, initial_epoch, config.epochs, whole_blocks(train, replicas), validation,
             config.steps_per_epoch or TRIPLET_STEPS_PER_EPOCH, callbacks)
         return finish_phase(config, directory, name)

@@ -1,5 +1,6 @@
 """Deep Speaker's triplet loss on cosine similarities."""
 
+import tensorflow as tf
 from keras import ops
 
 from constants import TRIPLET_ALPHA
@@ -11,12 +12,15 @@ def batch_cosine_similarity(x1, x2):
 
 
 def deep_speaker_loss(y_true, y_pred, alpha: float = TRIPLET_ALPHA):
-    """Mean over triplets of max(s_an - s_ap + alpha, 0).
+    """Mean over triplets of max(s_an - s_ap + alpha, 0), in float32.
 
     y_pred: embeddings (3n, dims) laid out [anchors; positives; negatives]; y_true is ignored (Keras needs one).
+    Within a tf.distribute replica the mean is divided by the number of replicas in sync, as Keras' own losses
+    are, so that the sum of the replicas' gradients is the gradient of the mean over the whole global batch.
     """
+    y_pred = ops.cast(y_pred, 'float32')
     split = ops.shape(y_pred)[0] // 3
     anchor, positive, negative = y_pred[:split], y_pred[split:2 * split], y_pred[2 * split:3 * split]
     s_ap = batch_cosine_similarity(anchor, positive)
     s_an = batch_cosine_similarity(anchor, negative)
-    return ops.mean(ops.maximum(s_an - s_ap + alpha, 0.0))
+    return ops.mean(ops.maximum(s_an - s_ap + alpha, 0.0)) / tf.distribute.get_strategy().num_replicas_in_sync

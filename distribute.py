@@ -1,0 +1,185 @@
+"""Training on several devices and machines with TensorFlow's own tf.distribute: the strategy of a --distribute
+mode (none, MirroredStrategy over a machine's GPUs, MultiWorkerMirroredStrategy configured by TF_CONFIG), what only
+the chief writes, batch statistics shared across replicas, triplet batches made of whole per-replica blocks, and
+the precision policy (mixed_float16) models are built under.
+
+How one distributed step equals one step on a single device with the same global batch: every replica computes
+its loss as the mean over its own examples divided by the number of replicas (Keras' built-in losses do so through
+keras.src.losses.loss.scale_loss_for_distribution; triplet_loss.deep_speaker_loss does it itself), the L2 weight
+penalties are divided likewise (Keras' trainer), the optimizer sums the replicas' gradients, and batch
+normalisation uses the statistics of the whole global batch (synchronize_batch_norm). The replicas' shards are
+contiguous slices of each global batch, so a global triplet batch is built as whole [anchors; positives;
+negatives] blocks, one per replica (whole_blocks).
+
+Imports tensorflow, keras and constants only.
+"""
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from constants import (
+    DISTRIBUTE_MODES,
+    FINGERPRINT_HASH_CHARS,
+    MIXED_PRECISION_POLICY,
+    TF_CONFIG_ENV,
+    WORKER_SEED_STRIDE,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class DistributeError(ValueError):
+    """A distribution set-up that cannot work (no or a malformed TF_CONFIG, a batch that does not split into the
+    replicas); the message says what is wrong."""
+
+
+class ClusterConfigError(DistributeError):
+    """No TF_CONFIG, or one that does not describe a cluster and this process's task in it."""
+
+
+class TripletBatchError(DistributeError):
+    """A per-replica triplet batch that is not a whole number of triplets."""
+
+
+class MinedTripletsError(DistributeError):
+    """Mined triplets asked for with multi-worker training, which cannot refresh a mining history yet (Keras'
+    multi-worker predict gathers every worker's outputs)."""
+
+
+class WorkerLostError(RuntimeError):
+    """A collective operation of multi-worker training that failed or timed out: another worker stopped."""
+
+
+def default_mode() -> str:
+    """'mirrored' when more than one GPU is visible, else 'none'."""
+    return 'mirrored' if len(tf.config.list_physical_devices('GPU')) > 1 else 'none'
+
+
+def cluster_spec() -> dict:
+    """The TF_CONFIG environment variable, checked: {'cluster': {'worker': [host:port, ...], 'chief': [...]},
+    'task': {'type': 'worker' or 'chief', 'index': i}}. ClusterConfigError saying what is missing or wrong."""
+    text = os.environ.get(TF_CONFIG_ENV)
+    if not text:
+        raise ClusterConfigError(f'{TF_CONFIG_ENV} is not set; multi-worker training needs it on every machine.')
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ClusterConfigError(f'{TF_CONFIG_ENV} is not JSON ({e.msg} at character {e.pos}).') from None
+    cluster, task = (spec.get('cluster'), spec.get('task')) if isinstance(spec, dict) else (None, None)
+    if not isinstance(cluster, dict) or not cluster or not all(
+            isinstance(hosts, list) and hosts and all(isinstance(h, str) and ':' in h for h in hosts)
+            for hosts in cluster.values()):
+        raise ClusterConfigError(f'{TF_CONFIG_ENV} has no "cluster" mapping each task type to a list of '
+                                 f'"host:port".')
+    if not isinstance(task, dict) or task.get('type') not in cluster or not isinstance(task.get('index'), int) \
+            or not 0 <= task['index'] < len(cluster[task['type']]):
+        raise ClusterConfigError(f'{TF_CONFIG_ENV} has no "task" {{"type": one of {sorted(cluster)}, "index": '
+                                 f'its position in that list}}.')
+    return spec
+
+
+def make_strategy(mode: str, timeout_s: float) -> tf.distribute.Strategy:
+    """The strategy of a --distribute mode: 'none' the default (one device), 'mirrored' every GPU of the machine
+    (or every logical CPU device when there is no GPU), 'multiworker' the machines of TF_CONFIG, whose collective
+    operations fail after `timeout_s` seconds without an answer (a worker that died). Create it before any other
+    TensorFlow operation runs."""
+    if mode not in DISTRIBUTE_MODES:
+        raise DistributeError(f'unknown distribution mode {mode!r}; expected one of {", ".join(DISTRIBUTE_MODES)}.')
+    if mode == 'none':
+        return tf.distribute.get_strategy()
+    if mode == 'mirrored':
+        gpus = tf.config.list_logical_devices('GPU')
+        if gpus:
+            return tf.distribute.MirroredStrategy([device.name for device in gpus])
+        # CPU devices: the default collective all-reduce can pair one layer's batch statistics with another's
+        # gradients (a shape mismatch, or silently wrong values); a reduction on one device keeps them in order.
+        return tf.distribute.MirroredStrategy([device.name for device in tf.config.list_logical_devices('CPU')],
+                                              cross_device_ops=tf.distribute.ReductionToOneDevice())
+    cluster_spec()
+    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_s)
+    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+
+
+def worker_index(strategy: tf.distribute.Strategy) -> int:
+    """This worker's position among the machines (0 without multi-worker training); a 'chief' task is 0 and the
+    'worker' tasks follow it."""
+    resolver = getattr(strategy, 'cluster_resolver', None)
+    if resolver is None or resolver.task_type is None:
+        return 0
+    has_chief = 'chief' in resolver.cluster_spec().as_dict()
+    return 0 if resolver.task_type == 'chief' else resolver.task_id + int(has_chief)
+
+
+def worker_seed(seed: int, strategy: tf.distribute.Strategy) -> int:
+    """The seed of this worker's batches: `seed` on worker 0, distinct ones on the others (each worker feeds its own
+    replicas with its own crops)."""
+    return seed + WORKER_SEED_STRIDE * worker_index(strategy)
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the checkpoints, the CSV history and the TensorBoard logs: the only process,
+    or the 'chief' task, or worker 0 of a cluster without one."""
+    return worker_index(strategy) == 0
+
+
+def check_triplet_batch(batch_size: int) -> None:
+    """TripletBatchError unless a per-replica triplet batch `batch_size` is a whole number of triplets."""
+    if batch_size % 3:
+        raise TripletBatchError(f'a per-replica triplet batch of {batch_size} crops is not a whole number of '
+                              f'[anchor, positive, negative] triplets.')
+
+
+def whole_blocks(dataset: tf.data.Dataset, replicas: int) -> tf.data.Dataset:
+    """Global batches of `replicas` consecutive per-replica batches (x: (b, ...), y: (b,)) concatenated, so that
+    the strategy's contiguous split gives each replica one whole batch (a whole [a; p; n] triplet block); each
+    worker keeps its own stream (auto-sharding off), since a worker feeds only its own replicas."""
+    if replicas > 1:
+        dataset = dataset.batch(replicas, drop_remainder=True).map(
+            lambda x, y: (tf.reshape(x, tf.concat([[-1], tf.shape(x)[2:]], 0)), tf.reshape(y, [-1])))
+    return unsharded(dataset)
+
+
+def unsharded(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """`dataset` with tf.data auto-sharding off: every worker reads its own copy (seeded per worker)."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return dataset.with_options(options)
+
+
+def synchronize_batch_norm(model: keras.Model, strategy: tf.distribute.Strategy) -> None:
+    """Makes every BatchNormalization layer of `model` normalise a training batch by the mean and variance of the
+    whole global batch (one all-reduce per layer) when there is more than one replica, and by its own batch
+    otherwise. Set before the first fit: Keras reads the flag when it traces the training step."""
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = strategy.num_replicas_in_sync > 1
+
+
+@contextmanager
+def precision(mixed: bool) -> Iterator[None]:
+    """Models built in the block compute in float16 with float32 weights (Keras' 'mixed_float16' policy) when
+    `mixed`, else in float32; the global policy is restored afterwards. Keras wraps the optimizer of a
+    mixed_float16 model in a LossScaleOptimizer when it is compiled (dynamic loss scaling)."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(MIXED_PRECISION_POLICY if mixed else 'float32')
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def weights_digest(model: keras.Model) -> str:
+    """The first FINGERPRINT_HASH_CHARS hex digits of the SHA-256 of the model's weights (as float32): equal on
+    every worker of a multi-worker run, which train in lockstep."""
+    digest = hashlib.sha256()
+    for weight in model.get_weights():
+        digest.update(np.ascontiguousarray(weight, dtype=np.float32).tobytes())
+    return digest.hexdigest()[:FINGERPRINT_HASH_CHARS]
