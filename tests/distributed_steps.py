@@ -25,7 +25,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from batcher import TripletBatcher  # noqa: E402
-from conv_models import DeepSpeakerModel  # noqa: E402
+from conv_models import DeepSpeakerModel, TdnnModel  # noqa: E402
 from distribute import make_strategy, synchronize_batch_norm, unsharded, whole_blocks  # noqa: E402
 from triplet_loss import deep_speaker_loss  # noqa: E402
 
@@ -91,16 +91,16 @@ def main(out: str) -> None:
     distributed.save(f'{out}.mirrored.keras')
     results['mirrored_loaded_single'] = keras.saving.load_model(f'{out}.mirrored.keras').get_weights()
 
-    # Triplet phase: two per-replica [a; p; n] blocks joined by whole_blocks (as train.py joins triplet_dataset's
-    # blocks) against the same triplets as one block.
+    # Triplet phase, on the TDNN: two per-replica [a; p; n] blocks joined by whole_blocks (as train.py joins
+    # triplet_dataset's blocks) against the same triplets as one block.
     kx = rng.normal(size=(40, SHORT_FRAMES, 64, 1))
     ky = np.repeat(np.arange(SPEAKERS), 10).astype(np.int32)
     batcher = TripletBatcher(kx, ky, seed=5)
     blocks = [batcher.get_batch(PER_REPLICA)[0].astype(np.float64) for _ in range(2)]
     block_stream = tf.data.Dataset.from_tensor_slices((np.stack(blocks), np.zeros((2, PER_REPLICA))))
 
-    def short_triplet_model():
-        return DeepSpeakerModel(shape, width=WIDTH).m
+    def short_triplet_model():  # the TDNN (batch norm too): a mirrored ResCNN step takes ~36 s to trace here.
+        return TdnnModel(shape, width=WIDTH).m
 
     reference = compiled(single, short_triplet_model, deep_speaker_loss, None)
     results['triplet_initial'] = reference.get_weights()
