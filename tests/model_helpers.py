@@ -3,6 +3,8 @@
 import keras
 import numpy as np
 
+from constants import NUM_FBANKS
+
 
 def randomise(model: keras.Model, seed: int) -> None:
     """Gives every weight of `model` random values, so that no weight keeps its initial value.
@@ -20,3 +22,13 @@ def randomise(model: keras.Model, seed: int) -> None:
         else:
             value = rng.normal(0.0, 0.1, shape)
         variable.assign(value.astype(np.float32))
+
+
+def features(rng: np.random.Generator, batch: int, frames: int) -> np.ndarray:
+    """Random normalised-fbank-like input: (batch, frames, NUM_FBANKS, 1) float32."""
+    return rng.standard_normal((batch, frames, NUM_FBANKS, 1)).astype(np.float32)
+
+
+def predict(model: keras.Model, x) -> np.ndarray:
+    """The model's output in inference mode, as numpy."""
+    return keras.ops.convert_to_numpy(model(x, training=False))

@@ -9,7 +9,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from model_helpers import randomise  # noqa: E402
+from model_helpers import features, predict, randomise  # noqa: E402
 
 from checkpoints import AtomicCheckpoint  # noqa: E402
 from constants import (  # noqa: E402
@@ -30,13 +30,6 @@ ANY_FRAMES = (None, None, NUM_FBANKS, 1)
 # Embeddings are unit vectors computed in float32; the same computation on the same frames agrees far closer.
 EMBEDDING_TOLERANCE = 1e-5
 
-
-def features(rng: np.random.Generator, batch: int, frames: int) -> np.ndarray:
-    return rng.standard_normal((batch, frames, NUM_FBANKS, 1)).astype(np.float32)
-
-
-def predict(model: keras.Model, x) -> np.ndarray:
-    return keras.ops.convert_to_numpy(model(x, training=False))
 
 
 def weighted_layers(model: keras.Model) -> dict[str, list[np.ndarray]]:

@@ -10,7 +10,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from keras import layers  # noqa: E402
-from model_helpers import randomise  # noqa: E402
+from model_helpers import features, predict, randomise  # noqa: E402
 
 from cli import cli  # noqa: E402
 from constants import (  # noqa: E402
@@ -41,13 +41,6 @@ GRU_FULL_PARAMS = 22_565_248  # documented in GruModel's docstring (width 1.0, e
 # Embeddings are unit vectors computed in float32; the same computation on the same frames agrees far closer.
 EMBEDDING_TOLERANCE = 1e-5
 
-
-def features(rng: np.random.Generator, batch: int, frames: int) -> np.ndarray:
-    return rng.standard_normal((batch, frames, NUM_FBANKS, 1)).astype(np.float32)
-
-
-def predict(model: keras.Model, x) -> np.ndarray:
-    return keras.ops.convert_to_numpy(model(x, training=False))
 
 
 def scaled(units: int, width: float) -> int:

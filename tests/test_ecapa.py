@@ -9,7 +9,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from model_helpers import randomise  # noqa: E402
+from model_helpers import features, predict, randomise  # noqa: E402
 
 from constants import EMBEDDING_SIZE, NUM_FBANKS, NUM_FRAMES  # noqa: E402
 from conv_models import MODELS, EcapaModel, build_model, checkpoint_architecture  # noqa: E402
@@ -19,13 +19,6 @@ TINY_WIDTH = 0.0625  # C = 64, MFA 96, bottlenecks 8.
 ANY_FRAMES = (None, None, NUM_FBANKS, 1)
 EMBEDDING_TOLERANCE = 1e-5
 
-
-def features(rng: np.random.Generator, batch: int, frames: int) -> np.ndarray:
-    return rng.standard_normal((batch, frames, NUM_FBANKS, 1)).astype(np.float32)
-
-
-def predict(model: keras.Model, x) -> np.ndarray:
-    return keras.ops.convert_to_numpy(model(x, training=False))
 
 
 def ecapa_trainable_parameters(channels: int, inputs: int, embedding: int, embedding_bn: bool, mfa: int = 1536,
