@@ -65,7 +65,8 @@ fi
 if run 4; then
   cli build-keras-inputs --working_dir "$OUT" --counts_per_speaker "$COUNTS"
 fi
-# Training input from the packed feature store and the on-the-fly window sampler goes here, when they exist.
+# Fresh random windows instead of fixed crops: cli build-packed-store --working_dir "$OUT", then add --sampler windows
+# to both train-model stages.
 
 if run 5; then
   cli train-model --working_dir "$OUT" --pre_training_phase --epochs "$SOFTMAX_EPOCHS" --width "$WIDTH"
