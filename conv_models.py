@@ -9,7 +9,6 @@ importable from here for the original's users.
 
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import layers, regularizers
 
 from constants import (
@@ -55,7 +54,8 @@ def __getattr__(name: str):
 class PcmToFbank(layers.Layer):
     """Raw 16 kHz audio (batch, samples) to features.py's normalised fbank (batch, frames, NUM_FBANKS, 1), in-graph.
 
-    Expects audio whose silence is already trimmed (features.trim_silence), at least one 25 ms frame long.
+    Expects audio whose silence is already trimmed (features.trim_silence), at least one 25 ms frame long. Made of
+    TensorFlow ops (tf.signal), imported when the layer runs: the models without it build under any Keras backend.
     """
 
     def __init__(self, sample_rate: int = SAMPLE_RATE, **kwargs):
@@ -63,6 +63,7 @@ class PcmToFbank(layers.Layer):
         self.sample_rate = sample_rate
 
     def call(self, pcm):
+        import tensorflow as tf
         length, step = frame_length(self.sample_rate), frame_step(self.sample_rate)
         emphasised = tf.concat([pcm[:, :1], pcm[:, 1:] - PREEMPHASIS * pcm[:, :-1]], axis=1)
         num_samples = tf.shape(pcm)[1]

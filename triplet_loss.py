@@ -1,6 +1,6 @@
-"""Deep Speaker's triplet loss on cosine similarities."""
+"""Deep Speaker's triplet loss on cosine similarities, under any Keras backend."""
 
-import tensorflow as tf
+import keras
 from keras import ops
 
 from constants import TRIPLET_ALPHA
@@ -23,4 +23,13 @@ def deep_speaker_loss(y_true, y_pred, alpha: float = TRIPLET_ALPHA):
     anchor, positive, negative = y_pred[:split], y_pred[split:2 * split], y_pred[2 * split:3 * split]
     s_ap = batch_cosine_similarity(anchor, positive)
     s_an = batch_cosine_similarity(anchor, negative)
-    return ops.mean(ops.maximum(s_an - s_ap + alpha, 0.0)) / tf.distribute.get_strategy().num_replicas_in_sync
+    return ops.mean(ops.maximum(s_an - s_ap + alpha, 0.0)) / replicas_in_sync()
+
+
+def replicas_in_sync() -> int:
+    """The number of tf.distribute replicas the current step is one of (1 outside a strategy, and under the other
+    Keras backends)."""
+    if keras.backend.backend() != 'tensorflow':
+        return 1
+    import tensorflow as tf
+    return tf.distribute.get_strategy().num_replicas_in_sync
