@@ -240,14 +240,35 @@ class TripletBatcher:
         self.rng = np.random.default_rng(seed)
         self.selector = selector
 
+    selection_parts = 1  # arrays in a selection (select's result), each (3 * (batch_size // 3),) int64.
+
     def get_batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """x: (3 * (batch_size // 3), 160, 64, 1) float32; y: zeros (Keras needs a target)."""
+        x = self.crops(*self.select(batch_size))
+        return x, np.zeros(len(x), dtype=np.float32)
+
+    def select(self, batch_size: int) -> tuple[np.ndarray, ...]:
+        """The rows of kx of the next batch's batch_size // 3 triplets, [anchors; positives; negatives]: (n,)
+        int64. Batches are chosen one after the other (the selector's random state, a miner's history)."""
         anchors, positives, negatives = self.selector(self, batch_size // 3)
-        indices = np.concatenate([anchors, positives, negatives])
+        return (np.concatenate([anchors, positives, negatives]).astype(np.int64, copy=False),)
+
+    @property
+    def frames_dtype(self) -> np.dtype:
+        """The dtype `frames` returns."""
+        return self.kx.dtype
+
+    def frames(self, indices: np.ndarray) -> np.ndarray:
+        """The crops of a selection as stored: (n, 160, 64, 1) of frames_dtype. Reads only: safe in several
+        threads at once."""
         order = np.argsort(indices)
-        x = np.empty((len(indices),) + self.kx.shape[1:], dtype=np.float32)
+        x = np.empty((len(indices),) + self.kx.shape[1:], dtype=self.frames_dtype)
         x[order] = self.kx[indices[order]]
-        return x, np.zeros(len(indices), dtype=np.float32)
+        return x
+
+    def crops(self, *selection: np.ndarray) -> np.ndarray:
+        """The crops of a selection: (n, 160, 64, 1) float32."""
+        return np.asarray(self.frames(*selection), dtype=np.float32)
 
 
 def history_sample(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:

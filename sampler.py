@@ -199,14 +199,27 @@ class WindowTripletBatcher(TripletBatcher):
         if speaker_sampling == 'proportional':
             self.speakers = self.labels  # random_triplets draws uniformly from this: a speaker per slot.
 
-    def get_batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """x: (3 * (batch_size // 3), NUM_FRAMES, NUM_FBANKS, 1) float32 [anchors; positives; negatives];
-        y: zeros."""
-        anchors, positives, negatives = self.selector(self, batch_size // 3)
-        indices = np.concatenate([anchors, positives, negatives])
+    selection_parts = 2  # slots and window starts.
+
+    def select(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """The slots of the next batch's triplets [anchors; positives; negatives] and the first frames of their
+        windows: (n,) int64 each."""
+        (indices,) = super().select(batch_size)
         if not (isinstance(self.selector, HardNegativeMiner) and self.selector.history is not None):
             self.kx.redraw(indices, self.rng)
-        return self.kx[indices], np.zeros(len(indices), dtype=np.float32)
+        return indices, self.kx.starts[indices].astype(np.int64)
+
+    @property
+    def frames_dtype(self) -> np.dtype:
+        return self.kx.store.dtype
+
+    def frames(self, indices: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """The windows of a selection as stored: (n, NUM_FRAMES, NUM_FBANKS) of the store's dtype (thread-safe)."""
+        return self.kx.store.read_frames(self.kx.slots[indices], starts, NUM_FRAMES)
+
+    def crops(self, indices: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """(n, NUM_FRAMES, NUM_FBANKS, 1) float32 windows of a selection."""
+        return self.kx.read(indices, starts)
 
 
 class WindowMiner(HardNegativeMiner):

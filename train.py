@@ -143,13 +143,22 @@ def softmax_dataset(kx: np.ndarray, ky: np.ndarray, batch_size: int, seed: int |
 
 
 def triplet_dataset(batcher: TripletBatcher, batch_size: int) -> tf.data.Dataset:
-    """An endless stream of triplet batches from `batcher`."""
-    def batches():
+    """An endless stream of triplet batches from `batcher`, (crops (n, 160, 64, 1) float32, zeros (n,)): the
+    triplets are chosen one batch after another in one thread (batcher.select: its random state, a miner's
+    history); their frames are read by parallel calls (batcher.frames) and cast to float32 by TensorFlow, outside
+    the GIL, and delivered in order."""
+    def selections():
         while True:
-            yield batcher.get_batch(batch_size)
+            yield batcher.select(batch_size)
 
-    signature = (CROP_SPEC, tf.TensorSpec((None,), tf.float32))
-    return tf.data.Dataset.from_generator(batches, output_signature=signature).prefetch(TRIPLET_PREFETCH_BATCHES)
+    def crops(*selection):
+        frames = tf.numpy_function(batcher.frames, selection, tf.as_dtype(batcher.frames_dtype), stateful=False)
+        x = tf.reshape(tf.cast(frames, tf.float32), (-1,) + tuple(CROP_SPEC.shape[1:]))
+        return x, tf.zeros(tf.shape(x)[:1])
+
+    signature = (tf.TensorSpec((None,), tf.int64),) * batcher.selection_parts
+    return tf.data.Dataset.from_generator(selections, output_signature=signature).map(
+        crops, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(TRIPLET_PREFETCH_BATCHES)
 
 
 def phase_callbacks(directory: Path, working_dir: Path, name: str, phase: str, monitor: str, mode: str,

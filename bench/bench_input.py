@@ -101,6 +101,11 @@ def sampler_batches(sampler, batch_size: int):
         yield sampler.batch(number, batch_size)
 
 
+def triplet_batches(batcher, batch_size: int):
+    while True:
+        yield batcher.get_batch(batch_size)
+
+
 def model_crops_per_second(width: float, batch_size: int, num_speakers: int, steps: int) -> float:
     """Crops per second one ResCNN softmax training step consumes on this machine (after a warm-up step)."""
     from conv_models import MODELS
@@ -161,7 +166,9 @@ def throughput(working_dir, batches, batch_size, widths, steps):
                                                                                    batches)),
             ('softmax windows, tf.data: parallel reads, prefetch (WindowSampler.dataset)',
              crops_per_second(sampler.dataset(batch_size).as_numpy_iterator(), batches)),
-            ('random triplets of windows (train.triplet_dataset)',
+            ('random triplets of windows, one thread (WindowTripletBatcher.get_batch)',
+             crops_per_second(triplet_batches(triplets, batch_size), batches)),
+            ('random triplets of windows, tf.data: parallel reads, prefetch (train.triplet_dataset)',
              crops_per_second(triplet_dataset(triplets, batch_size).as_numpy_iterator(), batches))]
     rows += fixed_crop_rows(split, batch_size, batches)
     rows += [(f'ResCNN width {width:g}: training step (consumption)',
