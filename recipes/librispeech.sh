@@ -5,25 +5,16 @@
 #   SUBSETS=460 bash recipes/librispeech.sh
 # Settings (environment): SUBSETS (train-clean-100 | 460 | 960), LIBRISPEECH (the folder holding the subsets,
 # default $HOME/.deep-speaker-wd/LibriSpeech), DOWNLOAD=1 (fetch the subsets first, download_librispeech.sh),
-# OUT (working dir), WIDTH (1.0), COUNTS (crops per speaker "TRAIN,TEST", 600,100), SOFTMAX_EPOCHS, TRIPLET_EPOCHS,
-# STEPS (triplet batches per epoch), SHARD (K/N: build part K of the cache only, e.g. one process per machine;
-# run the recipe again without it once every part is built), STAGE / STOP_AFTER (first and last stage to run).
-# Stages: 1 training tree, 2 feature cache, 3 trial lists, 4 model inputs, 5 softmax, 6 triplet, 7 evaluation.
-# Every stage is resumable and a finished one does nothing. Expected time per softmax epoch on one GPU: README,
-# "Your own corpus" (estimated from this CPU's measured step time and the FLOP count; no GPU measurement).
+# OUT (working dir), and those of recipes/full_size.sh (WIDTH, SAMPLER, COUNTS, epochs, STEPS, SHARD, STAGE /
+# STOP_AFTER). Stages: 1 training tree, 2 feature cache, 3 trial lists, 4 model inputs (or the packed store), 5
+# softmax, 6 triplet, 7 evaluation. Every stage is resumable and a finished one does nothing. Time per softmax
+# epoch on one GPU: README, "Your own corpus".
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SUBSETS="${SUBSETS:-train-clean-100}"
 LIBRISPEECH="${LIBRISPEECH:-$HOME/.deep-speaker-wd/LibriSpeech}"
 OUT="${OUT:-$HOME/.deep-speaker-wd/librispeech-$SUBSETS}"
-WIDTH="${WIDTH:-1.0}"
-COUNTS="${COUNTS:-600,100}"
-SOFTMAX_EPOCHS="${SOFTMAX_EPOCHS:-100}"
-TRIPLET_EPOCHS="${TRIPLET_EPOCHS:-100}"
-STEPS="${STEPS:-1000}"
-STAGE="${STAGE:-1}"
 STOP_AFTER="${STOP_AFTER:-7}"
-PY="${PY:-$ROOT/.venv/bin/python}"
+source "$(dirname "${BASH_SOURCE[0]}")/full_size.sh"
 TESTS=(test-clean test-other)
 
 case "$SUBSETS" in
@@ -32,9 +23,6 @@ case "$SUBSETS" in
   960) TRAIN=(train-clean-100 train-clean-360 train-other-500) ;;
   *) echo "Error: SUBSETS=$SUBSETS: expected train-clean-100, 460 or 960." >&2; exit 2 ;;
 esac
-
-cli() { (cd "$ROOT" && "$PY" cli.py "$@"); }
-run() { [ "$1" -ge "$STAGE" ] && [ "$1" -le "$STOP_AFTER" ]; }
 
 if [ "${DOWNLOAD:-0}" = 1 ]; then
   bash "$ROOT/download_librispeech.sh" "$(dirname "$LIBRISPEECH")" "${TRAIN[@]}" "${TESTS[@]}"
@@ -50,10 +38,7 @@ if run 1; then  # one speaker folder per speaker of the chosen subsets (links), 
   done
 fi
 
-if run 2; then
-  cli build-mfcc-cache --working_dir "$OUT" --audio_dir "$OUT/train-audio" ${SHARD:+--shard "$SHARD"}
-  [ -z "${SHARD:-}" ] || { echo "Part $SHARD of the cache is built; run again without SHARD once all are." >&2; exit 0; }
-fi
+cache_stage 2 "$OUT/train-audio"
 
 if run 3; then
   for test in "${TESTS[@]}"; do
@@ -62,20 +47,7 @@ if run 3; then
   done
 fi
 
-if run 4; then
-  cli build-keras-inputs --working_dir "$OUT" --counts_per_speaker "$COUNTS"
-fi
-# Fresh random windows instead of fixed crops: cli build-packed-store --working_dir "$OUT", then add --sampler windows
-# to both train-model stages.
-
-if run 5; then
-  cli train-model --working_dir "$OUT" --pre_training_phase --epochs "$SOFTMAX_EPOCHS" --width "$WIDTH"
-fi
-
-if run 6; then
-  cli train-model --working_dir "$OUT" --no_pre_training_phase --epochs "$TRIPLET_EPOCHS" --steps_per_epoch "$STEPS" \
-      --width "$WIDTH" --history_size 25600
-fi
+training_stages 4
 
 if run 7; then
   for test in "${TESTS[@]}"; do

@@ -2,6 +2,7 @@
 subsets (no network needed), recipes/make_trials.py, and the first stages of recipes/librispeech.sh and
 recipes/voxceleb.sh on small fake corpora in their layouts (copies of samples/ audio)."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -135,3 +136,9 @@ def test_voxceleb_recipe_first_stages_on_a_voxceleb_tree(tmp_path, librispeech_d
     cache = audio.Audio(str(out))
     assert sorted(cache.speakers_to_utterances['id10001']) == ['1zcIwhmdeo4%2F00001.wav', '7gWzIy6yIIk%2F00001.wav']
     assert len(np.load(out / 'keras-inputs' / 'ky_train.npy')) == 2 * 4
+    env = {'VOX_DEV': str(dev), 'OUT': str(out), 'PY': sys.executable, 'STAGE': '3', 'STOP_AFTER': '3'}
+    windows = bash('recipes/voxceleb.sh', env={**env, 'SAMPLER': 'windows'})
+    assert windows.returncode == 0, windows.stderr[-3000:]
+    assert json.loads((out / 'packed' / 'meta.json').read_text())['utterances'] == 4
+    unknown = bash('recipes/voxceleb.sh', env={**env, 'SAMPLER': 'random'})
+    assert unknown.returncode == 2 and 'SAMPLER=random: expected fixed or windows' in unknown.stderr
