@@ -11,6 +11,11 @@ normalisation uses the statistics of the whole global batch (synchronize_batch_n
 contiguous slices of each global batch, so a global triplet batch is built as whole [anchors; positives;
 negatives] blocks, one per replica (whole_blocks).
 
+Keras 3.15's model.fit cannot train under MultiWorkerMirroredStrategy by itself: its symbolic build reduces a
+PerReplica input batch, and its training step reduces the scalar metrics along axis 0. multiworker_fit gives fit
+training and test steps that reduce the metrics over all replicas, so the same fit (callbacks, checkpoints,
+history, early stopping, resume) drives every strategy.
+
 Imports tensorflow, keras and constants only.
 """
 
@@ -105,7 +110,9 @@ def make_strategy(mode: str, timeout_s: float) -> tf.distribute.Strategy:
                                               cross_device_ops=tf.distribute.ReductionToOneDevice())
     cluster_spec()
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_s)
-    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    logging.getLogger('tensorflow').setLevel(logging.WARNING)  # it logs every all-reduce it sets up at INFO.
+    return strategy
 
 
 def worker_index(strategy: tf.distribute.Strategy) -> int:
@@ -174,6 +181,60 @@ def precision(mixed: bool) -> Iterator[None]:
         yield
     finally:
         keras.mixed_precision.set_global_policy(previous)
+
+
+def is_multiworker(strategy: tf.distribute.Strategy) -> bool:
+    """Whether `strategy` trains over the machines of TF_CONFIG."""
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def replica_reduced(step, strategy: tf.distribute.Strategy, jit_compile: bool):
+    """A Keras train or test function (iterator -> logs) that runs `step` (Keras' train_step or test_step: a batch
+    -> a dict of scalar metrics) on the next distributed batch on every replica, and returns each metric as its
+    mean over all replicas, the same on every worker."""
+    def on_replicas(iterator):
+        logs = strategy.run(step, args=(next(iterator),))
+        return {name: strategy.reduce('MEAN', value, axis=None) for name, value in logs.items()}
+
+    return tf.function(on_replicas, jit_compile=jit_compile)
+
+
+@contextmanager
+def collective_failures(strategy: tf.distribute.Strategy) -> Iterator[None]:
+    """For the block: WorkerLostError (one line) instead of the error of a collective operation of multi-worker
+    training that failed or timed out (another worker died or stopped answering); other strategies' errors pass."""
+    try:
+        yield
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
+            tf.errors.InternalError) as e:
+        if not is_multiworker(strategy):
+            raise
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        cause = next((line for line in lines if 'aborted' in line), lines[0])  # names the worker that stopped.
+        raise WorkerLostError(f'a collective operation failed ({type(e).__name__}: {cause[:300]})') from None
+
+
+@contextmanager
+def multiworker_fit(model: keras.Model, strategy: tf.distribute.Strategy) -> Iterator[None]:
+    """For the block (around model.fit), when `strategy` is multi-worker: the optimizer's variables created under
+    the strategy, `model` trained and validated with replica_reduced steps, and fit given the strategy by its scope
+    instead of the model's own (which would make fit reduce a PerReplica input batch); all as before afterwards.
+    With any other strategy nothing changes."""
+    if not is_multiworker(strategy):
+        yield
+        return
+    with strategy.scope():
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+    model.train_function = replica_reduced(model.train_step, strategy, model.jit_compile)
+    model.test_function = replica_reduced(model.test_step, strategy, model.jit_compile)
+    model._distribute_strategy = None
+    try:
+        with strategy.scope():
+            yield
+    finally:
+        model._distribute_strategy = strategy
+        model.train_function = model.test_function = None
 
 
 def weights_digest(model: keras.Model) -> str:

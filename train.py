@@ -54,11 +54,13 @@ from constants import (
 from conv_models import MODELS
 from distribute import (
     MinedTripletsError,
-    WorkerLostError,
     check_triplet_batch,
+    collective_failures,
     default_mode,
     is_chief,
+    is_multiworker,
     make_strategy,
+    multiworker_fit,
     precision,
     synchronize_batch_norm,
     unsharded,
@@ -172,22 +174,15 @@ def phase_callbacks(directory: Path, working_dir: Path, name: str, phase: str, m
 
 def fit(model: keras.Model, initial_epoch: int, epochs: int, train, validation, steps_per_epoch: int,
         callbacks: list) -> None:
-    """model.fit from `initial_epoch` to `epochs`; WorkerLostError when a collective operation of multi-worker
-    training fails (another worker died or stopped answering)."""
+    """model.fit from `initial_epoch` to `epochs` (under multi-worker training with distribute.multiworker_fit)."""
     if initial_epoch >= epochs:
         logger.info('Already trained %d epochs (asked for %d); nothing to do. Raise --epochs to go on.',
                     initial_epoch, epochs)
         return
     strategy = model.distribute_strategy
-    try:
+    with multiworker_fit(model, strategy):
         model.fit(train, validation_data=validation, epochs=epochs, initial_epoch=initial_epoch,
                   steps_per_epoch=steps_per_epoch, callbacks=callbacks, shuffle=False, verbose=2)
-    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
-            tf.errors.InternalError) as e:
-        if getattr(strategy, 'cluster_resolver', None) is None:
-            raise
-        message = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise WorkerLostError(f'a collective operation failed ({type(e).__name__}: {message[:200]})') from None
     if strategy.num_replicas_in_sync > 1:
         logger.info('Worker %d: weights %s after epoch %d.', worker_index(strategy), weights_digest(model), epochs)
 
@@ -399,7 +394,7 @@ def train_softmax(config: TrainConfig) -> Path:
     strategy = phase_strategy(config)
     working_dir, converter, directory = phase_inputs(config, 'softmax')
     name = MODELS[config.model_name].name
-    with scratch_dir(strategy, directory) as scratch:
+    with scratch_dir(strategy, directory) as scratch, collective_failures(strategy):
         data = softmax_data(config, working_dir, converter, directory, name,
                             config.batch_size * strategy.num_replicas_in_sync, worker_seed(config.seed, strategy))
         num_speakers = data.num_speakers
@@ -480,12 +475,12 @@ def train_triplet(config: TrainConfig) -> Path:
     """
     check_triplet_batch(config.batch_size)
     strategy = phase_strategy(config)
-    if config.mining != 'random' and getattr(strategy, 'cluster_resolver', None) is not None:
+    if config.mining != 'random' and is_multiworker(strategy):
         raise MinedTripletsError(f'{config.mining} triplets need a mining history, which multi-worker training '
                                  f'cannot refresh yet.')
     working_dir, converter, directory = phase_inputs(config, 'triplet')
     name = MODELS[config.model_name].name
-    with scratch_dir(strategy, directory) as scratch:
+    with scratch_dir(strategy, directory) as scratch, collective_failures(strategy):
         data = triplet_data(config, working_dir, converter, directory, name)
         kx_train, ky_train, kx_test, ky_test = data.kx_train, data.ky_train, data.kx_test, data.ky_test
         seed, batch_size = worker_seed(config.seed, strategy), config.batch_size
