@@ -300,9 +300,10 @@ def monitored(held_out: HeldOut, monitor: str, mode: str) -> tuple[str, str]:
     return ('val_eer', 'min') if held_out.speakers else (monitor, mode)
 
 
-def finish_phase(config: TrainConfig, directory: Path, name: str) -> Path:
-    """Averages the last epoch checkpoints when asked; returns the best checkpoint's path."""
-    if config.average_last:
+def finish_phase(config: TrainConfig, directory: Path, name: str, scratch: Path | None) -> Path:
+    """Averages the last epoch checkpoints when asked (on the chief: `scratch` None); returns the best checkpoint's
+    path."""
+    if config.average_last and scratch is None:
         average_last_epochs(directory, name, config.average_last)
     return best_checkpoint(directory, name)
 
@@ -423,7 +424,7 @@ def train_softmax(config: TrainConfig) -> Path:
             phase_callbacks(directory, working_dir.root, name, 'softmax',
                             *monitored(data.held_out, 'val_accuracy', 'max'), data.held_out.callbacks,
                             config.average_last, scratch))
-        return finish_phase(config, directory, name)
+        return finish_phase(config, directory, name, scratch)
 
 
 class TripletData(NamedTuple):
@@ -526,4 +527,4 @@ def train_triplet(config: TrainConfig) -> Path:
         train = training_batches(triplet_dataset(train_batcher, batch_size), config, initial_epoch)
         fit(model, initial_epoch, config.epochs, whole_blocks(train, replicas), validation,
             config.steps_per_epoch or TRIPLET_STEPS_PER_EPOCH, callbacks)
-        return finish_phase(config, directory, name)
+        return finish_phase(config, directory, name, scratch)
