@@ -108,9 +108,14 @@ def make_strategy(mode: str, timeout_s: float) -> tf.distribute.Strategy:
         # gradients (a shape mismatch, or silently wrong values); a reduction on one device keeps them in order.
         return tf.distribute.MirroredStrategy([device.name for device in tf.config.list_logical_devices('CPU')],
                                               cross_device_ops=tf.distribute.ReductionToOneDevice())
-    cluster_spec()
+    spec = cluster_spec()
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_s)
-    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    try:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    except tf.errors.UnknownError as e:  # TensorFlow's gRPC server did not start: the port is taken.
+        address = spec['cluster'][spec['task']['type']][spec['task']['index']]
+        raise ClusterConfigError(f'this task cannot listen on {address} ({e.message.strip()}); is the port in use '
+                                 f'by another process? Pick a free one in {TF_CONFIG_ENV}.') from None
     logging.getLogger('tensorflow').setLevel(logging.WARNING)  # it logs every all-reduce it sets up at INFO.
     return strategy
 
