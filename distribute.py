@@ -109,6 +109,7 @@ def make_strategy(mode: str, timeout_s: float) -> tf.distribute.Strategy:
         return tf.distribute.MirroredStrategy([device.name for device in tf.config.list_logical_devices('CPU')],
                                               cross_device_ops=tf.distribute.ReductionToOneDevice())
     spec = cluster_spec()
+    coordinate(spec['cluster'], timeout_s)
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_s)
     try:
         strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
@@ -116,8 +117,24 @@ def make_strategy(mode: str, timeout_s: float) -> tf.distribute.Strategy:
         address = spec['cluster'][spec['task']['type']][spec['task']['index']]
         raise ClusterConfigError(f'this task cannot listen on {address} ({e.message.strip()}); is the port in use '
                                  f'by another process? Pick a free one in {TF_CONFIG_ENV}.') from None
+    except tf.errors.DeadlineExceededError:
+        raise WorkerLostError(f'not every task of {TF_CONFIG_ENV} started within {timeout_s:g} s') from None
     logging.getLogger('tensorflow').setLevel(logging.WARNING)  # it logs every all-reduce it sets up at INFO.
     return strategy
+
+
+def coordinate(cluster: dict, timeout_s: float) -> None:
+    """Configures the coordination service MultiWorkerMirroredStrategy would configure (its leader the first task,
+    TensorFlow's own choice), with one change: a task waits at most `timeout_s` seconds for the others to start
+    (TensorFlow's default: an hour), so a worker whose partner died while starting stops too. TensorFlow offers no
+    public option for it: this uses its eager context's own call."""
+    from tensorflow.compiler.xla.tsl.protobuf.coordination_config_pb2 import CoordinatedJob
+    from tensorflow.python.distribute.multi_worker_util import coordination_leader
+    from tensorflow.python.eager import context
+    jobs = [CoordinatedJob(name=job, num_tasks=len(cluster[job])) for job in ('chief', 'worker') if job in cluster]
+    context.context().configure_coordination_service(
+        service_type='standalone', service_leader=coordination_leader(cluster),
+        cluster_register_timeout_in_ms=int(1000 * timeout_s), coordinated_jobs=jobs)
 
 
 def worker_index(strategy: tf.distribute.Strategy) -> int:

@@ -116,7 +116,7 @@ def runs(tmp_path_factory) -> Runs:
 def test_killing_a_worker_stops_the_other_with_one_line(runs):
     assert runs.killed.returncode == 1
     errors = [line for line in runs.killed.stderr.splitlines() if line.startswith('Error: ')]
-    assert errors == [runs.killed.stderr.strip().splitlines()[-1]]
+    assert len(errors) == 1, runs.killed.stderr[-3000:]  # TensorFlow's own C++ log lines may follow it.
     assert errors[0].startswith('Error: --distribute multiworker: a collective operation failed (')
     assert '--collective_timeout 10 s' in errors[0] and 'Traceback' not in runs.killed.stderr
     assert runs.stop_seconds < COLLECTIVE_TIMEOUT_S + 30
