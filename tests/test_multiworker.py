@@ -3,7 +3,8 @@ each with its TF_CONFIG and its own working dir (two machines without a shared f
 phase of a tiny TDNN on samples/. Worker 1 is killed after the chief's first checkpoint: the chief stops with a
 one-line error. Both are started again (the chief's checkpoints copied to worker 1 first, as the README says) and
 go on from the chief's last checkpoint to the end, with identical weights; only the chief writes checkpoints, the
-CSV history and TensorBoard logs. The two runs are one module-scoped fixture shared by every test."""
+CSV history and TensorBoard logs. Beside them, a lone worker whose partner never starts stops after
+--collective_timeout. The runs are one module-scoped fixture shared by every test."""
 
 import hashlib
 import json
@@ -24,6 +25,8 @@ from cli import cli
 ROOT = Path(__file__).resolve().parents[1]
 AUDIO_DIR = ROOT / 'samples' / 'LibriSpeech' / 'test-other'
 COLLECTIVE_TIMEOUT_S = 10
+LONE_TIMEOUT_S = 2  # --collective_timeout of the lone worker.
+LONE_LIMIT_S = 90  # its start, wait and exit (TensorFlow's own default wait: an hour).
 TRAIN = ['train-model', '--pre_training_phase', '--distribute', 'multiworker', '--model', 'tdnn', '--width', '0.0625',
          '--batch_size', '8', '--steps_per_epoch', '2', '--collective_timeout', str(COLLECTIVE_TIMEOUT_S)]
 KILLED_RUN_EPOCHS = 50  # far more than the killed run reaches: it must not end by itself.
@@ -46,6 +49,8 @@ class Runs(NamedTuple):
     worker_checkpoints_after_kill: dict[str, str]
     worker_files_before_resume: dict[str, str]
     resumed: list[Worker]  # chief, worker 1.
+    lone: Worker  # the worker whose partner never started.
+    lone_seconds: float  # from its start to its exit.
 
 
 def free_ports(count: int) -> list[int]:
@@ -58,16 +63,16 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def start_workers(dirs: list[Path], epochs: int) -> list[subprocess.Popen]:
-    hosts = [f'127.0.0.1:{port}' for port in free_ports(len(dirs))]
-    processes = []
-    for index, wd in enumerate(dirs):
-        tf_config = json.dumps({'cluster': {'worker': hosts}, 'task': {'type': 'worker', 'index': index}})
-        env = {**os.environ, 'TF_CONFIG': tf_config, 'CUDA_VISIBLE_DEVICES': '', 'PYTHONUNBUFFERED': '1'}
-        processes.append(subprocess.Popen([sys.executable, 'cli.py', *TRAIN, '--working_dir', str(wd), '--epochs',
-                                           str(epochs)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True))
-    return processes
+def start_worker(hosts: list[str], index: int, args: list[str]) -> subprocess.Popen:
+    tf_config = json.dumps({'cluster': {'worker': hosts}, 'task': {'type': 'worker', 'index': index}})
+    env = {**os.environ, 'TF_CONFIG': tf_config, 'CUDA_VISIBLE_DEVICES': '', 'PYTHONUNBUFFERED': '1'}
+    return subprocess.Popen([sys.executable, 'cli.py', *TRAIN, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def start_workers(hosts: list[str], dirs: list[Path], epochs: int) -> list[subprocess.Popen]:
+    return [start_worker(hosts, index, ['--working_dir', str(wd), '--epochs', str(epochs)])
+            for index, wd in enumerate(dirs)]
 
 
 def finished(process: subprocess.Popen, timeout: float) -> Worker:
@@ -94,7 +99,13 @@ def runs(tmp_path_factory) -> Runs:
         assert result.exit_code == 0, result.output
     shutil.copytree(chief_dir, worker_dir, dirs_exist_ok=True)
 
-    chief, worker = start_workers([chief_dir, worker_dir], KILLED_RUN_EPOCHS)
+    hosts = [f'127.0.0.1:{port}' for port in free_ports(6)]
+    lone_hosts, killed_hosts, resumed_hosts = (hosts[i:i + 2] for i in range(0, 6, 2))
+    lone_started = time.monotonic()  # worker 1 of a cluster whose worker 0 never starts.
+    lone = start_worker(lone_hosts, 1,
+                        ['--working_dir', str(tmp_path_factory.mktemp('lone')), '--collective_timeout',
+                         str(LONE_TIMEOUT_S)])
+    chief, worker = start_workers(killed_hosts, [chief_dir, worker_dir], KILLED_RUN_EPOCHS)
     deadline = time.monotonic() + START_TIMEOUT_S
     while checkpointed_epoch(chief_dir) < 1 and chief.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -106,11 +117,15 @@ def runs(tmp_path_factory) -> Runs:
     killed_epoch = checkpointed_epoch(chief_dir)
     assert killed_epoch >= 1, killed.stderr[-3000:]
 
+    lone_result = finished(lone, START_TIMEOUT_S)
+    lone_seconds = time.monotonic() - lone_started
     worker_checkpoints = file_digests(worker_dir / CHECKPOINTS)
     shutil.copytree(chief_dir / CHECKPOINTS, worker_dir / CHECKPOINTS, dirs_exist_ok=True)
     before = file_digests(worker_dir)
-    resumed = [finished(p, START_TIMEOUT_S) for p in start_workers([chief_dir, worker_dir], killed_epoch + 1)]
-    return Runs(chief_dir, worker_dir, killed, stop_seconds, killed_epoch, worker_checkpoints, before, resumed)
+    resumed = [finished(p, START_TIMEOUT_S)
+               for p in start_workers(resumed_hosts, [chief_dir, worker_dir], killed_epoch + 1)]
+    return Runs(chief_dir, worker_dir, killed, stop_seconds, killed_epoch, worker_checkpoints, before, resumed,
+                lone_result, lone_seconds)
 
 
 def test_killing_a_worker_stops_the_other_with_one_line(runs):
@@ -120,6 +135,16 @@ def test_killing_a_worker_stops_the_other_with_one_line(runs):
     assert errors[0].startswith('Error: --distribute multiworker: a collective operation failed (')
     assert '--collective_timeout 10 s' in errors[0] and 'Traceback' not in runs.killed.stderr
     assert runs.stop_seconds < COLLECTIVE_TIMEOUT_S + 30
+
+
+def test_a_worker_whose_partner_never_starts_stops_after_the_collective_timeout(runs):
+    assert runs.lone.returncode == 1
+    errors = [line for line in runs.lone.stderr.splitlines() if line.startswith('Error: ')]
+    assert errors == [f'Error: --distribute multiworker: not every task of TF_CONFIG started within {LONE_TIMEOUT_S} '
+                      f's; another worker stopped or does not answer within --collective_timeout {LONE_TIMEOUT_S} s. '
+                      f'Start every worker again with the same command: training resumes from the chief\'s last '
+                      f'checkpoint.'], runs.lone.stderr[-3000:]
+    assert runs.lone_seconds < LONE_LIMIT_S
 
 
 def test_both_workers_resume_from_the_chiefs_last_checkpoint_at_the_right_epoch(runs):
