@@ -236,12 +236,18 @@ def collective_failures(strategy: tf.distribute.Strategy) -> Iterator[None]:
         raise WorkerLostError(f'a collective operation failed ({type(e).__name__}: {cause[:300]})') from None
 
 
+def skipped(**_) -> None:
+    """Does nothing (stands in for a method)."""
+
+
 @contextmanager
 def multiworker_fit(model: keras.Model, strategy: tf.distribute.Strategy) -> Iterator[None]:
     """For the block (around model.fit), when `strategy` is multi-worker: the optimizer's variables created under
-    the strategy, `model` trained and validated with replica_reduced steps, and fit given the strategy by its scope
-    instead of the model's own (which would make fit reduce a PerReplica input batch); all as before afterwards.
-    With any other strategy nothing changes."""
+    the strategy, `model` trained and validated with replica_reduced steps, without Keras' symbolic build (which
+    reduces a PerReplica input batch), and model.predict_on_batch (the callbacks' embedding.embed_crops) run on
+    this worker alone (Keras' own concatenates every worker's outputs: 2n rows for n crops with 2 workers; models
+    the callbacks build, outside the strategy's scope, are local anyway); all as before afterwards. With any other
+    strategy nothing changes."""
     if not is_multiworker(strategy):
         yield
         return
@@ -250,13 +256,13 @@ def multiworker_fit(model: keras.Model, strategy: tf.distribute.Strategy) -> Ite
             model.optimizer.build(model.trainable_variables)
     model.train_function = replica_reduced(model.train_step, strategy, model.jit_compile)
     model.test_function = replica_reduced(model.test_step, strategy, model.jit_compile)
-    model._distribute_strategy = None
+    model.predict_function = tf.function(lambda batches: model.predict_step(batches[0]), reduce_retracing=True)
+    model._maybe_symbolic_build = skipped  # the variables are built by the first step instead.
     try:
-        with strategy.scope():
-            yield
+        yield
     finally:
-        model._distribute_strategy = strategy
-        model.train_function = model.test_function = None
+        del model._maybe_symbolic_build
+        model.train_function = model.test_function = model.predict_function = None
 
 
 def weights_digest(model: keras.Model) -> str:
