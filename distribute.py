@@ -54,11 +54,6 @@ class TripletBatchError(DistributeError):
     """A per-replica triplet batch that is not a whole number of triplets."""
 
 
-class MinedTripletsError(DistributeError):
-    """Mined triplets asked for with multi-worker training, which cannot refresh a mining history yet (Keras'
-    multi-worker predict gathers every worker's outputs)."""
-
-
 class WorkerLostError(RuntimeError):
     """A collective operation of multi-worker training that failed or timed out: another worker stopped."""
 

@@ -53,12 +53,10 @@ from constants import (
 )
 from conv_models import MODELS
 from distribute import (
-    MinedTripletsError,
     check_triplet_batch,
     collective_failures,
     default_mode,
     is_chief,
-    is_multiworker,
     make_strategy,
     multiworker_fit,
     precision,
@@ -414,7 +412,8 @@ def train_softmax(config: TrainConfig) -> Path:
             raise CheckpointError(f'{last_checkpoint(directory, name)}: trained on {model.output_shape[-1]} speakers, '
                                   f'but the model inputs have {num_speakers}; delete {directory} or use another '
                                   f'--working_dir.')
-        record_held_out(directory, data.held_out.speakers)
+        if scratch is None:  # the chief.
+            record_held_out(directory, data.held_out.speakers)
         logger.info('Softmax phase: %d speakers (%d held out), %s, %s parameters, loss %s.', num_speakers,
                     len(data.held_out.speakers), data.description, f'{model.count_params():,}',
                     describe_loss(model.loss))
@@ -476,9 +475,6 @@ def train_triplet(config: TrainConfig) -> Path:
     """
     check_triplet_batch(config.batch_size)
     strategy = phase_strategy(config)
-    if config.mining != 'random' and is_multiworker(strategy):
-        raise MinedTripletsError(f'{config.mining} triplets need a mining history, which multi-worker training '
-                                 f'cannot refresh yet.')
     working_dir, converter, directory = phase_inputs(config, 'triplet')
     name = MODELS[config.model_name].name
     with scratch_dir(strategy, directory) as scratch, collective_failures(strategy):
@@ -507,7 +503,8 @@ def train_triplet(config: TrainConfig) -> Path:
         with strategy.scope(), precision(config.mixed_precision):
             model, initial_epoch = resumed_or_new(directory, name, new_model)
         prepared(model, strategy, config)
-        record_held_out(directory, data.held_out.speakers)
+        if scratch is None:  # the chief.
+            record_held_out(directory, data.held_out.speakers)
         callbacks = phase_callbacks(directory, working_dir.root, name, 'triplet',
                                     *monitored(data.held_out, 'val_loss', 'min'), data.held_out.callbacks,
                                     config.average_last, scratch)

@@ -1,11 +1,13 @@
 """Multi-worker training (train-model --distribute multiworker): two worker processes on 127.0.0.1 (free ports),
 each with its TF_CONFIG and its own working dir (two machines without a shared file system), train the softmax
-phase of a tiny TDNN on samples/. Worker 1 is killed after the chief's first checkpoint: the chief stops with a
-one-line error. Both are started again (the chief's checkpoints copied to worker 1 first, as the README says) and
-go on from the chief's last checkpoint to the end, with identical weights; only the chief writes checkpoints, the
-CSV history and TensorBoard logs. Beside them, a lone worker whose partner never starts stops after
---collective_timeout. The runs are one module-scoped fixture shared by every test."""
+phase of a tiny TDNN on samples/ with held-out validation speakers. Worker 1 is killed after the chief's first
+checkpoint: the chief stops with a one-line error. Both are started again (the chief's checkpoints copied to
+worker 1 first, as the README says) and go on from the chief's last checkpoint to the end, with identical weights
+and the validation EER of the chief's checkpoint; only the chief writes checkpoints, the CSV history and
+TensorBoard logs. Beside them, a lone worker whose partner never starts stops after --collective_timeout. The runs
+are one module-scoped fixture shared by every test."""
 
+import csv
 import hashlib
 import json
 import os
@@ -27,8 +29,10 @@ AUDIO_DIR = ROOT / 'samples' / 'LibriSpeech' / 'test-other'
 COLLECTIVE_TIMEOUT_S = 10
 LONE_TIMEOUT_S = 2  # --collective_timeout of the lone worker.
 LONE_LIMIT_S = 90  # its start, wait and exit (TensorFlow's own default wait: an hour).
+BATCH = 8
 TRAIN = ['train-model', '--pre_training_phase', '--distribute', 'multiworker', '--model', 'tdnn', '--width', '0.0625',
-         '--batch_size', '8', '--steps_per_epoch', '2', '--collective_timeout', str(COLLECTIVE_TIMEOUT_S)]
+         '--batch_size', str(BATCH), '--steps_per_epoch', '2', '--val_speakers', '2', '--collective_timeout',
+         str(COLLECTIVE_TIMEOUT_S)]
 KILLED_RUN_EPOCHS = 50  # far more than the killed run reaches: it must not end by itself.
 START_TIMEOUT_S = 240  # a run that never checkpoints fails the test instead of CI.
 CHECKPOINTS, STATE = 'checkpoints-softmax', 'TDNN_state.json'
@@ -179,3 +183,20 @@ def test_only_the_chief_writes_checkpoints_history_and_tensorboard_logs(runs):
                                                                           STATE, 'history.csv'}
     for split in ('train', 'validation'):  # one event file per run: the killed one and the resumed one.
         assert len(list((runs.chief_dir / 'logs' / 'softmax' / split).glob('events.out.tfevents.*'))) == 2
+
+
+def test_the_validation_eer_is_the_one_of_the_chiefs_checkpoint_embedded_by_one_process(runs):
+    """Each worker embeds the held-out targets on its own (Keras' multi-worker predict concatenates every worker's
+    embeddings: twice as many rows as crops, which would pair the wrong windows)."""
+    from checkpoints import read_keras_checkpoint
+    from validation import SpeakerValidation, validation_targets
+    directory = runs.chief_dir / CHECKPOINTS
+    held_out = json.loads((directory / 'validation-speakers.json').read_text())['held_out']
+    validation = SpeakerValidation(*validation_targets(runs.chief_dir, held_out), BATCH)
+    validation.set_model(read_keras_checkpoint(str(directory / 'TDNN_last.keras')))
+    expected = {}
+    validation.on_epoch_end(runs.killed_epoch, expected)
+    with open(directory / 'history.csv') as f:
+        last = list(csv.DictReader(f))[-1]
+    assert float(last['val_eer']) == pytest.approx(expected['val_eer'], abs=1e-9)
+    assert float(last['val_min_dcf']) == pytest.approx(expected['val_min_dcf'], abs=1e-9)
