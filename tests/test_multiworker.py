@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -102,34 +103,44 @@ def runs(tmp_path_factory) -> Runs:
         result = CliRunner().invoke(cli, [args[0], '--working_dir', str(chief_dir), *args[1:]])
         assert result.exit_code == 0, result.output
     shutil.copytree(chief_dir, worker_dir, dirs_exist_ok=True)
-
     hosts = [f'127.0.0.1:{port}' for port in free_ports(6)]
     lone_hosts, killed_hosts, resumed_hosts = (hosts[i:i + 2] for i in range(0, 6, 2))
-    lone_started = time.monotonic()  # worker 1 of a cluster whose worker 0 never starts.
-    lone = start_worker(lone_hosts, 1,
-                        ['--working_dir', str(tmp_path_factory.mktemp('lone')), '--collective_timeout',
-                         str(LONE_TIMEOUT_S)])
-    chief, worker = start_workers(killed_hosts, [chief_dir, worker_dir], KILLED_RUN_EPOCHS)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while checkpointed_epoch(chief_dir) < 1 and chief.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    worker.kill()
-    killed_at = time.monotonic()
-    killed = finished(chief, COLLECTIVE_TIMEOUT_S + START_TIMEOUT_S)
-    stop_seconds = time.monotonic() - killed_at
-    worker.communicate()
-    killed_epoch = checkpointed_epoch(chief_dir)
-    assert killed_epoch >= 1, killed.stderr[-3000:]
+    started = []
+    try:
+        lone_started, lone_ended = time.monotonic(), []  # worker 1 of a cluster whose worker 0 never starts.
+        started.append(start_worker(lone_hosts, 1, ['--working_dir', str(tmp_path_factory.mktemp('lone')),
+                                                    '--collective_timeout', str(LONE_TIMEOUT_S)]))
+        waiting = threading.Thread(target=lambda: lone_ended.extend([finished(started[0], START_TIMEOUT_S),
+                                                                     time.monotonic()]))
+        waiting.start()
 
-    lone_result = finished(lone, START_TIMEOUT_S)
-    lone_seconds = time.monotonic() - lone_started
-    worker_checkpoints = file_digests(worker_dir / CHECKPOINTS)
-    shutil.copytree(chief_dir / CHECKPOINTS, worker_dir / CHECKPOINTS, dirs_exist_ok=True)
-    before = file_digests(worker_dir)
-    resumed = [finished(p, START_TIMEOUT_S)
-               for p in start_workers(resumed_hosts, [chief_dir, worker_dir], killed_epoch + 1)]
-    return Runs(chief_dir, worker_dir, killed, stop_seconds, killed_epoch, worker_checkpoints, before, resumed,
-                lone_result, lone_seconds)
+        chief, worker = start_workers(killed_hosts, [chief_dir, worker_dir], KILLED_RUN_EPOCHS)
+        started += [chief, worker]
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while checkpointed_epoch(chief_dir) < 1 and chief.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        worker.kill()
+        killed_at = time.monotonic()
+        killed = finished(chief, COLLECTIVE_TIMEOUT_S + START_TIMEOUT_S)
+        stop_seconds = time.monotonic() - killed_at
+        worker.communicate()
+        killed_epoch = checkpointed_epoch(chief_dir)
+        assert killed_epoch >= 1, killed.stderr[-3000:]
+        waiting.join()
+
+        worker_checkpoints = file_digests(worker_dir / CHECKPOINTS)
+        shutil.copytree(chief_dir / CHECKPOINTS, worker_dir / CHECKPOINTS, dirs_exist_ok=True)
+        before = file_digests(worker_dir)
+        started += start_workers(resumed_hosts, [chief_dir, worker_dir], killed_epoch + 1)
+        resumed = [finished(process, START_TIMEOUT_S) for process in started[-2:]]
+    finally:
+        for process in started:  # none left running when a run fails or hangs.
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    lone, lone_exit = lone_ended
+    return Runs(chief_dir, worker_dir, killed, stop_seconds, killed_epoch, worker_checkpoints, before, resumed, lone,
+                lone_exit - lone_started)
 
 
 def test_killing_a_worker_stops_the_other_with_one_line(runs):
