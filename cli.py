@@ -336,7 +336,8 @@ def build_packed_store(working_dir, dtype):
 @click.option('--jit_compile', is_flag=True, help='Compile the training step with XLA.')
 @click.option('--collective_timeout', default=COLLECTIVE_TIMEOUT_S, show_default=True,
               type=click.FloatRange(min=0, min_open=True),
-              help='--distribute multiworker: seconds to wait for the other workers before stopping.')
+              help='--distribute multiworker: seconds to wait for the other workers (to start, or to answer) before '
+                   'stopping.')
 @seed_option
 def train_model(working_dir, pre_training_phase, from_scratch, epochs, steps_per_epoch, batch_size, learning_rate,
                 triplet_mining, history_size, refresh_every, inference_batch, model, width, tdnn_layers, dropout,
@@ -359,7 +360,7 @@ def train_model(working_dir, pre_training_phase, from_scratch, epochs, steps_per
         options['channels'] = channels
     from batcher import InputsError
     from checkpoints import AveragingError, CheckpointError
-    from distribute import ClusterConfigError, MinedTripletsError, TripletBatchError, WorkerLostError
+    from distribute import ClusterConfigError, TripletBatchError, WorkerLostError
     from losses import LossOptionError, classification_loss
     from train import NoPretrainingError, TrainConfig, train_softmax, train_triplet
     from validation import ValidationError
@@ -400,9 +401,6 @@ def train_model(working_dir, pre_training_phase, from_scratch, epochs, steps_per
              f'machine" shows, or use --distribute mirrored (one machine) or none.')
     except TripletBatchError as e:
         fail(f'--batch_size {batch_size}: {e} Use a multiple of 3, e.g. {BATCH_SIZE}.')
-    except MinedTripletsError as e:
-        fail(f'--triplet_mining {triplet_mining} with --distribute multiworker: {e} Use --triplet_mining random, '
-             f'or --distribute mirrored on one machine.')
     except WorkerLostError as e:
         fail(f'--distribute multiworker: {e}; another worker stopped or does not answer within '
              f'--collective_timeout {collective_timeout:g} s. Start every worker again with the same command: '

@@ -11,6 +11,11 @@ normalisation uses the statistics of the whole global batch (synchronize_batch_n
 contiguous slices of each global batch, so a global triplet batch is built as whole [anchors; positives;
 negatives] blocks, one per replica (whole_blocks).
 
+Keras 3.15's model.fit cannot train under MultiWorkerMirroredStrategy by itself: its symbolic build reduces a
+PerReplica input batch, and its training step reduces the scalar metrics along axis 0. multiworker_fit gives fit
+training and test steps that reduce the metrics over all replicas, so the same fit (callbacks, checkpoints,
+history, early stopping, resume) drives every strategy.
+
 Imports tensorflow, keras and constants only.
 """
 
@@ -47,11 +52,6 @@ class ClusterConfigError(DistributeError):
 
 class TripletBatchError(DistributeError):
     """A per-replica triplet batch that is not a whole number of triplets."""
-
-
-class MinedTripletsError(DistributeError):
-    """Mined triplets asked for with multi-worker training, which cannot refresh a mining history yet (Keras'
-    multi-worker predict gathers every worker's outputs)."""
 
 
 class WorkerLostError(RuntimeError):
@@ -103,9 +103,33 @@ def make_strategy(mode: str, timeout_s: float) -> tf.distribute.Strategy:
         # gradients (a shape mismatch, or silently wrong values); a reduction on one device keeps them in order.
         return tf.distribute.MirroredStrategy([device.name for device in tf.config.list_logical_devices('CPU')],
                                               cross_device_ops=tf.distribute.ReductionToOneDevice())
-    cluster_spec()
+    spec = cluster_spec()
+    coordinate(spec['cluster'], timeout_s)
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_s)
-    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    try:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    except tf.errors.UnknownError as e:  # TensorFlow's gRPC server did not start: the port is taken.
+        address = spec['cluster'][spec['task']['type']][spec['task']['index']]
+        raise ClusterConfigError(f'this task cannot listen on {address} ({e.message.strip()}); is the port in use '
+                                 f'by another process? Pick a free one in {TF_CONFIG_ENV}.') from None
+    except tf.errors.DeadlineExceededError:
+        raise WorkerLostError(f'not every task of {TF_CONFIG_ENV} started within {timeout_s:g} s') from None
+    logging.getLogger('tensorflow').setLevel(logging.WARNING)  # it logs every all-reduce it sets up at INFO.
+    return strategy
+
+
+def coordinate(cluster: dict, timeout_s: float) -> None:
+    """Configures the coordination service MultiWorkerMirroredStrategy would configure (its leader the first task,
+    TensorFlow's own choice), with one change: a task waits at most `timeout_s` seconds for the others to start
+    (TensorFlow's default: an hour), so a worker whose partner died while starting stops too. TensorFlow offers no
+    public option for it: this uses its eager context's own call."""
+    from tensorflow.compiler.xla.tsl.protobuf.coordination_config_pb2 import CoordinatedJob
+    from tensorflow.python.distribute.multi_worker_util import coordination_leader
+    from tensorflow.python.eager import context
+    jobs = [CoordinatedJob(name=job, num_tasks=len(cluster[job])) for job in ('chief', 'worker') if job in cluster]
+    context.context().configure_coordination_service(
+        service_type='standalone', service_leader=coordination_leader(cluster),
+        cluster_register_timeout_in_ms=int(1000 * timeout_s), coordinated_jobs=jobs)
 
 
 def worker_index(strategy: tf.distribute.Strategy) -> int:
@@ -174,6 +198,66 @@ def precision(mixed: bool) -> Iterator[None]:
         yield
     finally:
         keras.mixed_precision.set_global_policy(previous)
+
+
+def is_multiworker(strategy: tf.distribute.Strategy) -> bool:
+    """Whether `strategy` trains over the machines of TF_CONFIG."""
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def replica_reduced(step, strategy: tf.distribute.Strategy, jit_compile: bool):
+    """A Keras train or test function (iterator -> logs) that runs `step` (Keras' train_step or test_step: a batch
+    -> a dict of scalar metrics) on the next distributed batch on every replica, and returns each metric as its
+    mean over all replicas, the same on every worker."""
+    def on_replicas(iterator):
+        logs = strategy.run(step, args=(next(iterator),))
+        return {name: strategy.reduce('MEAN', value, axis=None) for name, value in logs.items()}
+
+    return tf.function(on_replicas, jit_compile=jit_compile)
+
+
+@contextmanager
+def collective_failures(strategy: tf.distribute.Strategy) -> Iterator[None]:
+    """For the block: WorkerLostError (one line) instead of the error of a collective operation of multi-worker
+    training that failed or timed out (another worker died or stopped answering); other strategies' errors pass."""
+    try:
+        yield
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
+            tf.errors.InternalError) as e:
+        if not is_multiworker(strategy):
+            raise
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        cause = next((line for line in lines if 'aborted' in line), lines[0])  # names the worker that stopped.
+        raise WorkerLostError(f'a collective operation failed ({type(e).__name__}: {cause[:300]})') from None
+
+
+def skipped(**_) -> None:
+    """Does nothing (stands in for a method)."""
+
+
+@contextmanager
+def multiworker_fit(model: keras.Model, strategy: tf.distribute.Strategy) -> Iterator[None]:
+    """For the block (around model.fit), when `strategy` is multi-worker: the optimizer's variables created under
+    the strategy, `model` trained and validated with replica_reduced steps, without Keras' symbolic build (which
+    reduces a PerReplica input batch), and model.predict_on_batch (the callbacks' embedding.embed_crops) run on
+    this worker alone (Keras' own concatenates every worker's outputs: 2n rows for n crops with 2 workers; models
+    the callbacks build, outside the strategy's scope, are local anyway); all as before afterwards. With any other
+    strategy nothing changes."""
+    if not is_multiworker(strategy):
+        yield
+        return
+    with strategy.scope():
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+    model.train_function = replica_reduced(model.train_step, strategy, model.jit_compile)
+    model.test_function = replica_reduced(model.test_step, strategy, model.jit_compile)
+    model.predict_function = tf.function(lambda batches: model.predict_step(batches[0]), reduce_retracing=True)
+    model._maybe_symbolic_build = skipped  # the variables are built by the first step instead.
+    try:
+        yield
+    finally:
+        del model._maybe_symbolic_build
+        model.train_function = model.test_function = model.predict_function = None
 
 
 def weights_digest(model: keras.Model) -> str:

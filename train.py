@@ -53,12 +53,12 @@ from constants import (
 )
 from conv_models import MODELS
 from distribute import (
-    MinedTripletsError,
-    WorkerLostError,
     check_triplet_batch,
+    collective_failures,
     default_mode,
     is_chief,
     make_strategy,
+    multiworker_fit,
     precision,
     synchronize_batch_norm,
     unsharded,
@@ -181,22 +181,15 @@ def phase_callbacks(directory: Path, working_dir: Path, name: str, phase: str, m
 
 def fit(model: keras.Model, initial_epoch: int, epochs: int, train, validation, steps_per_epoch: int,
         callbacks: list) -> None:
-    """model.fit from `initial_epoch` to `epochs`; WorkerLostError when a collective operation of multi-worker
-    training fails (another worker died or stopped answering)."""
+    """model.fit from `initial_epoch` to `epochs` (under multi-worker training with distribute.multiworker_fit)."""
     if initial_epoch >= epochs:
         logger.info('Already trained %d epochs (asked for %d); nothing to do. Raise --epochs to go on.',
                     initial_epoch, epochs)
         return
     strategy = model.distribute_strategy
-    try:
+    with multiworker_fit(model, strategy):
         model.fit(train, validation_data=validation, epochs=epochs, initial_epoch=initial_epoch,
                   steps_per_epoch=steps_per_epoch, callbacks=callbacks, shuffle=False, verbose=2)
-    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
-            tf.errors.InternalError) as e:
-        if getattr(strategy, 'cluster_resolver', None) is None:
-            raise
-        message = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise WorkerLostError(f'a collective operation failed ({type(e).__name__}: {message[:200]})') from None
     if strategy.num_replicas_in_sync > 1:
         logger.info('Worker %d: weights %s after epoch %d.', worker_index(strategy), weights_digest(model), epochs)
 
@@ -314,9 +307,10 @@ def monitored(held_out: HeldOut, monitor: str, mode: str) -> tuple[str, str]:
     return ('val_eer', 'min') if held_out.speakers else (monitor, mode)
 
 
-def finish_phase(config: TrainConfig, directory: Path, name: str) -> Path:
-    """Averages the last epoch checkpoints when asked; returns the best checkpoint's path."""
-    if config.average_last:
+def finish_phase(config: TrainConfig, directory: Path, name: str, scratch: Path | None) -> Path:
+    """Averages the last epoch checkpoints when asked (on the chief: `scratch` None); returns the best checkpoint's
+    path."""
+    if config.average_last and scratch is None:
         average_last_epochs(directory, name, config.average_last)
     return best_checkpoint(directory, name)
 
@@ -408,7 +402,7 @@ def train_softmax(config: TrainConfig) -> Path:
     strategy = phase_strategy(config)
     working_dir, converter, directory = phase_inputs(config, 'softmax')
     name = MODELS[config.model_name].name
-    with scratch_dir(strategy, directory) as scratch:
+    with scratch_dir(strategy, directory) as scratch, collective_failures(strategy):
         data = softmax_data(config, working_dir, converter, directory, name,
                             config.batch_size * strategy.num_replicas_in_sync, worker_seed(config.seed, strategy))
         num_speakers = data.num_speakers
@@ -427,7 +421,8 @@ def train_softmax(config: TrainConfig) -> Path:
             raise CheckpointError(f'{last_checkpoint(directory, name)}: trained on {model.output_shape[-1]} speakers, '
                                   f'but the model inputs have {num_speakers}; delete {directory} or use another '
                                   f'--working_dir.')
-        record_held_out(directory, data.held_out.speakers)
+        if scratch is None:  # the chief.
+            record_held_out(directory, data.held_out.speakers)
         logger.info('Softmax phase: %d speakers (%d held out), %s, %s parameters, loss %s.', num_speakers,
                     len(data.held_out.speakers), data.description, f'{model.count_params():,}',
                     describe_loss(model.loss))
@@ -437,7 +432,7 @@ def train_softmax(config: TrainConfig) -> Path:
             phase_callbacks(directory, working_dir.root, name, 'softmax',
                             *monitored(data.held_out, 'val_accuracy', 'max'), data.held_out.callbacks,
                             config.average_last, scratch))
-        return finish_phase(config, directory, name)
+        return finish_phase(config, directory, name, scratch)
 
 
 class TripletData(NamedTuple):
@@ -489,12 +484,9 @@ def train_triplet(config: TrainConfig) -> Path:
     """
     check_triplet_batch(config.batch_size)
     strategy = phase_strategy(config)
-    if config.mining != 'random' and getattr(strategy, 'cluster_resolver', None) is not None:
-        raise MinedTripletsError(f'{config.mining} triplets need a mining history, which multi-worker training '
-                                 f'cannot refresh yet.')
     working_dir, converter, directory = phase_inputs(config, 'triplet')
     name = MODELS[config.model_name].name
-    with scratch_dir(strategy, directory) as scratch:
+    with scratch_dir(strategy, directory) as scratch, collective_failures(strategy):
         data = triplet_data(config, working_dir, converter, directory, name)
         kx_train, ky_train, kx_test, ky_test = data.kx_train, data.ky_train, data.kx_test, data.ky_test
         seed, batch_size = worker_seed(config.seed, strategy), config.batch_size
@@ -520,7 +512,8 @@ def train_triplet(config: TrainConfig) -> Path:
         with strategy.scope(), precision(config.mixed_precision):
             model, initial_epoch = resumed_or_new(directory, name, new_model)
         prepared(model, strategy, config)
-        record_held_out(directory, data.held_out.speakers)
+        if scratch is None:  # the chief.
+            record_held_out(directory, data.held_out.speakers)
         callbacks = phase_callbacks(directory, working_dir.root, name, 'triplet',
                                     *monitored(data.held_out, 'val_loss', 'min'), data.held_out.callbacks,
                                     config.average_last, scratch)
@@ -540,4 +533,4 @@ def train_triplet(config: TrainConfig) -> Path:
         train = training_batches(triplet_dataset(train_batcher, batch_size), config, initial_epoch)
         fit(model, initial_epoch, config.epochs, whole_blocks(train, replicas), validation,
             config.steps_per_epoch or TRIPLET_STEPS_PER_EPOCH, callbacks)
-        return finish_phase(config, directory, name)
+        return finish_phase(config, directory, name, scratch)

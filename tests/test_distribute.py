@@ -1,8 +1,7 @@
 """tf.distribute training (distribute.py, train-model --distribute): one step on 2 logical CPU devices against one
 step on one device, for both phases (a process: logical devices must be set before TensorFlow initialises);
 checkpoints moved between strategies and replica counts; mixed precision and XLA against float32; the one-line
-errors of bad distribution options. (Two multi-worker processes on 127.0.0.1 are not tested: Keras 3.15's fit
-fails under MultiWorkerMirroredStrategy; see the README.)"""
+errors of bad distribution options. Two multi-worker processes on 127.0.0.1: test_multiworker.py."""
 
 import os
 
