@@ -4,6 +4,7 @@ README's example and the one-line errors of bad input."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,15 +27,21 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope='module')
-def trained_dir(tmp_path_factory) -> Path:
-    """A working dir after the whole pipeline: cache, inputs, one softmax and one triplet epoch."""
-    wd = tmp_path_factory.mktemp('wd')
-    run('cli.py', 'build-mfcc-cache', '--working_dir', str(wd), '--audio_dir', str(AUDIO_DIR))
-    run('cli.py', 'build-keras-inputs', '--working_dir', str(wd), '--counts_per_speaker', '8,4')
-    run('cli.py', 'train-model', '--working_dir', str(wd), '--pre_training_phase', '--epochs', '1',
-        '--steps_per_epoch', '2', *TINY)
-    run('cli.py', 'train-model', '--working_dir', str(wd), '--epochs', '1', '--steps_per_epoch', '2', *TINY)
-    return wd
+def demo(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """`./deep-speaker demo --model=tdnn` with one softmax and one triplet epoch of two steps at a tiny width: the
+    whole pipeline (cache, inputs, both phases, test-model) in a working dir, and the demo's output."""
+    demo_dir = tmp_path_factory.mktemp('demo')
+    result = subprocess.run([str(ROOT / 'deep-speaker'), 'demo', '--model=tdnn', '--epochs', '1', '--steps_per_epoch',
+                             '2', *TINY], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, 'DEMO_DIR': str(demo_dir)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return demo_dir, result
+
+
+@pytest.fixture(scope='module')
+def trained_dir(demo) -> Path:
+    """The demo's working dir (read only: tests that train copy it)."""
+    return demo[0]
 
 
 def test_pipeline_writes_every_stage(trained_dir):
@@ -42,38 +49,49 @@ def test_pipeline_writes_every_stage(trained_dir):
     for name in ('kx_train.npy', 'ky_train.npy', 'kx_test.npy', 'ky_test.npy', 'categorical_speakers.pkl'):
         assert (trained_dir / 'keras-inputs' / name).is_file()
     for phase in ('checkpoints-softmax', 'checkpoints-triplets'):
-        assert (trained_dir / phase / 'ResCNN_best.keras').is_file()
-        assert json.loads((trained_dir / phase / 'ResCNN_state.json').read_text())['epoch'] == 1
+        assert (trained_dir / phase / 'TDNN_best.keras').is_file()
+        assert json.loads((trained_dir / phase / 'TDNN_state.json').read_text())['epoch'] == 1
         assert (trained_dir / phase / 'history.csv').read_text().count('\n') == 2
 
 
-def test_test_model_prints_the_four_metrics_and_tensorflow_notices_only_with_verbose(trained_dir):
-    """TensorFlow's C++ libraries print absl / oneDNN notices while it is imported: only --verbose shows them."""
+def test_demo_with_another_model_trains_and_evaluates_that_model(demo):
+    """`./deep-speaker demo` passes its options to both training phases and evaluates the model they name."""
+    demo_dir, result = demo
+    for phase in ('checkpoints-softmax', 'checkpoints-triplets'):
+        assert sorted(p.name for p in (demo_dir / phase).glob('*.keras')) == ['TDNN_best.keras', 'TDNN_last.keras']
+    assert METRICS_LINE.search(result.stdout), result.stdout
+
+
+def test_test_model_prints_the_four_metrics_and_tensorflow_notices_only_with_verbose(demo):
+    """TensorFlow's C++ libraries print absl / oneDNN notices while it is imported: only --verbose shows them (the
+    demo's stages run without it)."""
     from constants import TENSORFLOW_STARTUP_NOTICES
-    result = run('cli.py', 'test-model', '--working_dir', str(trained_dir))
+    trained_dir, result = demo
     match = METRICS_LINE.search(result.stdout)
     assert match, result.stdout
     assert all(0.0 <= float(value) <= 1.0 for value in match.groups())
-    again = run('cli.py', '--verbose', 'test-model', '--working_dir', str(trained_dir))
+    again = run('cli.py', '--verbose', 'test-model', '--working_dir', str(trained_dir), '--model', 'tdnn')
     assert METRICS_LINE.search(again.stdout).groups() == match.groups()
     assert [notice for notice in TENSORFLOW_STARTUP_NOTICES if notice in result.stderr] == []
     assert [notice for notice in TENSORFLOW_STARTUP_NOTICES if notice in again.stderr] == list(
         TENSORFLOW_STARTUP_NOTICES)
 
 
-def test_triplet_phase_resumes_from_its_last_epoch(trained_dir):
-    result = run('cli.py', 'train-model', '--working_dir', str(trained_dir), '--epochs', '2', '--steps_per_epoch',
-                 '2', *TINY)
+def test_triplet_phase_resumes_from_its_last_epoch(trained_dir, tmp_path):
+    wd = tmp_path / 'wd'
+    shutil.copytree(trained_dir, wd)
+    train = ('cli.py', 'train-model', '--working_dir', str(wd), '--model', 'tdnn', '--epochs', '2', *TINY)
+    result = run(*train, '--steps_per_epoch', '2')
     assert 'Resuming from' in result.stderr and 'after epoch 1' in result.stderr
     assert 'Epoch 2/2' in result.stdout and 'Epoch 1/2' not in result.stdout
-    state = json.loads((trained_dir / 'checkpoints-triplets' / 'ResCNN_state.json').read_text())
+    state = json.loads((wd / 'checkpoints-triplets' / 'TDNN_state.json').read_text())
     assert state['epoch'] == 2
-    done = run('cli.py', 'train-model', '--working_dir', str(trained_dir), '--epochs', '2', *TINY)
+    done = run(*train)
     assert 'nothing to do' in done.stderr
 
 
 def test_example_compares_the_sample_speakers(trained_dir):
-    result = run('example.py', str(trained_dir / 'checkpoints-triplets' / 'ResCNN_best.keras'))
+    result = run('example.py', str(trained_dir / 'checkpoints-triplets' / 'TDNN_best.keras'))
     lines = result.stdout.strip().splitlines()
     assert [line.split()[0] + ' ' + line.split()[1] for line in lines] == ['SAME SPEAKER'] * 3 + ['DIFF SPEAKER']
     assert all(-1.0 <= float(line.rsplit(' ', 1)[1]) <= 1.0 for line in lines)
@@ -129,18 +147,6 @@ def test_bad_tdnn_options_are_one_line_errors_before_any_work(tmp_path, options,
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f'Error: {message}']
     assert not wd.exists()
-
-
-def test_demo_with_another_model_trains_and_evaluates_that_model(tmp_path):
-    """`./deep-speaker demo` passes its options to both training phases and evaluates the model they name."""
-    demo_dir = tmp_path / 'demo'
-    result = subprocess.run([str(ROOT / 'deep-speaker'), 'demo', '--model=tdnn', '--epochs', '1', '--steps_per_epoch',
-                             '2', *TINY], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, 'DEMO_DIR': str(demo_dir)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    for phase in ('checkpoints-softmax', 'checkpoints-triplets'):
-        assert sorted(p.name for p in (demo_dir / phase).glob('*.keras')) == ['TDNN_best.keras', 'TDNN_last.keras']
-    assert METRICS_LINE.search(result.stdout), result.stdout
 
 
 def test_version_is_an_option_and_a_command():
