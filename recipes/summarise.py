@@ -1,11 +1,11 @@
 """Markdown table of recipes/accuracy.sh's rows over seeds: mean [min-max] EER and minDCF per row and trial list.
 
-    python recipes/summarise.py ~/.deep-speaker-wd/accuracy/results.csv
+    python recipes/summarise.py ~/.deep-speaker-wd/accuracy/results.csv [more results.csv ...]
 
 Reads the results.csv that recipes/common.sh writes (row,eer_percent,min_dcf,train_seconds,checkpoints; no
 header), keeps the rows named accuracy/<row>/<list>/seed<N> and prints one table line per <row>, in the order
 the rows first appear: for each list, the EER (%) and minDCF as mean [min-max] over the seeds with the number
-of seeds, then the mean training wall time (s) over the seeds (from test-other's rows; "-" for eval-only rows).
+of seeds, then the training wall time (s) over the seeds, likewise (from test-other's rows; "–" for eval-only rows).
 """
 import argparse
 import csv
@@ -18,16 +18,18 @@ ROW = re.compile(r'^accuracy/(?P<row>[^/]+)/(?P<list>[^/]+)/seed(?P<seed>\d+)$')
 LISTS = ('test-other', 'channels')
 
 
-def results(path: str) -> dict:
-    """{row: {list: {seed: (eer_percent, min_dcf, train_seconds or None)}}} of results.csv's accuracy rows."""
+def results(paths: list) -> dict:
+    """{row: {list: {seed: (eer_percent, min_dcf, train_seconds or None)}}} of the results.csv files' accuracy
+    rows (a later file's row replaces an earlier one's)."""
     table = defaultdict(lambda: defaultdict(dict))
-    with open(path, newline='') as f:
-        for fields in csv.reader(f):
-            match = ROW.match(fields[0]) if fields else None
-            if match is None or len(fields) < 4 or not fields[1]:
-                continue
-            seconds = float(fields[3]) if fields[3] not in ('', '-') else None
-            table[match['row']][match['list']][int(match['seed'])] = (float(fields[1]), float(fields[2]), seconds)
+    for path in paths:
+        with open(path, newline='') as f:
+            for fields in csv.reader(f):
+                match = ROW.match(fields[0]) if fields else None
+                if match is None or len(fields) < 4 or not fields[1]:
+                    continue
+                seconds = float(fields[3]) if fields[3] not in ('', '-') else None
+                table[match['row']][match['list']][int(match['seed'])] = (float(fields[1]), float(fields[2]), seconds)
     return table
 
 
@@ -49,14 +51,14 @@ def markdown(table: dict) -> str:
             runs = list(lists.get(name, {}).values())
             cells += [spread([run[0] for run in runs], 2), spread([run[1] for run in runs], 3)]
         seconds = [run[2] for run in lists.get(LISTS[0], {}).values() if run[2] is not None]
-        cells.append(f'{statistics.mean(seconds):.0f}' if seconds else '–')
+        cells.append(spread(seconds, 0) if seconds else '–')
         lines.append(f'| {row} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('results_csv', help="recipes/common.sh's results.csv")
+    parser.add_argument('results_csv', nargs='+', help="recipes/common.sh's results.csv (several: merged)")
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     logging.info(markdown(results(parser.parse_args().results_csv)))
 
