@@ -14,7 +14,8 @@
 # BACKENDS (default "mean asnorm averaged") runs the back-ends on every row; BACKEND_ROWS limits them to
 # those rows. Rows go to $OUT/results.csv as accuracy/<row>[+<backend>]/<list>/seed<N>, list = test-other or
 # channels; FUSIONS="rowA+rowB ..." adds accuracy/<rowA>+<rowB>/<list>/seed<N>, the score fusion of the two
-# rows' checkpoints of the same seed. Cache and model inputs are built once per cache kind and shared; the
+# rows' checkpoints of the same seed, scored by each of FUSION_NORMS (default "none"; "none mean asnorm" adds
+# accuracy/<rowA>+<rowB>+<norm>/...). Cache and model inputs are built once per cache kind and shared; the
 # seed changes weight initialisation and batch order, not the cached crops. A re-run skips finished runs (a
 # <prefix>.done marker is written after training) and re-evaluates; ROWS="" BACKEND_ROWS="..." runs only the
 # back-ends of finished rows.
@@ -27,6 +28,7 @@ ROWS="${ROWS-softmax aamsoftmax softmax-aug aamsoftmax-aug aamsoftmax-specaug}"
 BACKENDS="${BACKENDS-mean asnorm averaged}"
 BACKEND_ROWS="${BACKEND_ROWS:-$ROWS}"
 FUSIONS="${FUSIONS:-}"
+FUSION_NORMS="${FUSION_NORMS:-none}"
 AUGMENT="${AUGMENT:-reverb,telephone,babble,white}"
 AVERAGE_LAST="${AVERAGE_LAST:-3}"
 VAL_SPEAKERS="${VAL_SPEAKERS:-20}"
@@ -109,7 +111,11 @@ done
 
 for fusion in $FUSIONS; do
   for seed in $SEEDS; do
-    both_lists "accuracy/$fusion/{list}/seed$seed" - "$(train "${fusion%%+*}" "$seed")_best.keras" \
-        "$(train "${fusion#*+}" "$seed")_best.keras"
+    checkpoints=("$(train "${fusion%%+*}" "$seed")_best.keras" "$(train "${fusion#*+}" "$seed")_best.keras")
+    for norm in $FUSION_NORMS; do
+      if [ "$norm" = none ]; then both_lists "accuracy/$fusion/{list}/seed$seed" - "${checkpoints[@]}"
+      else EVAL_OPTIONS="--score_norm $norm --cohort_dir $OUT/clean --asnorm_top $ASNORM_TOP" \
+          both_lists "accuracy/$fusion+$norm/{list}/seed$seed" - "${checkpoints[@]}"; fi
+    done
   done
 done
