@@ -2,10 +2,11 @@
 
     python recipes/summarise.py ~/.deep-speaker-wd/accuracy/results.csv [more results.csv ...]
 
-Reads the results.csv that recipes/common.sh writes (row,eer_percent,min_dcf,train_seconds,checkpoints; no
-header), keeps the rows named accuracy/<row>/<list>/seed<N> and prints one table line per <row>, in the order
-the rows first appear: for each list, the EER (%) and minDCF as mean [min-max] over the seeds with the number
-of seeds, then the training wall time (s) over the seeds, likewise (from test-other's rows; "–" for eval-only rows).
+Reads the results.csv files that recipes/common.sh writes (row,eer_percent,min_dcf,train_seconds,checkpoints;
+no header), keeps the rows named accuracy/<row>/<list>/seed<N> and prints one table line per <row>, in the
+order the rows first appear, each trained row's back-end rows (<row>+mean, +asnorm, +averaged) right after it:
+for each list, the EER (%) and minDCF as mean [min-max] over the seeds with the number of seeds, then the
+training wall time (s) over the seeds, likewise (from test-other's rows; "–" for eval-only rows).
 """
 import argparse
 import csv
@@ -16,6 +17,7 @@ from collections import defaultdict
 
 ROW = re.compile(r'^accuracy/(?P<row>[^/]+)/(?P<list>[^/]+)/seed(?P<seed>\d+)$')
 LISTS = ('test-other', 'channels')
+BACKENDS = ('', '+mean', '+asnorm', '+averaged')  # eval-only rows follow their trained row, in this order
 
 
 def results(paths: list) -> dict:
@@ -41,11 +43,19 @@ def spread(values: list, digits: int) -> str:
     return f'{f.format(statistics.mean(values))} [{f.format(min(values))}–{f.format(max(values))}] ({len(values)})'
 
 
+def position(row: str, rows: list) -> tuple:
+    """Sort key of a row: the first appearance of its trained row (the row without a back-end suffix), then the
+    back-end's place in BACKENDS."""
+    suffix = next((b for b in reversed(BACKENDS) if b and row.endswith(b)), '')
+    base = row[:len(row) - len(suffix)]
+    return (rows.index(base) if base in rows else rows.index(row), BACKENDS.index(suffix))
+
+
 def markdown(table: dict) -> str:
     """The table's markdown: one line per row, EER and minDCF per list over the seeds, training seconds."""
     lines = ['| row | test-other EER % | test-other minDCF | channels EER % | channels minDCF | training s |',
              '|---|---|---|---|---|---|']
-    for row, lists in table.items():
+    for row, lists in sorted(table.items(), key=lambda item: position(item[0], list(table))):
         cells = []
         for name in LISTS:
             runs = list(lists.get(name, {}).values())
