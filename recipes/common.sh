@@ -8,7 +8,7 @@ TRIPLET_EPOCHS="${TRIPLET_EPOCHS:-4}"
 STEPS="${STEPS:-50}"
 TRIALS="$DATA/trials/librispeech-test-other.txt"
 TEST_ROOT="$DATA/LibriSpeech/test-other"
-PY="$ROOT/.venv/bin/python"
+PY="${PY:-$ROOT/.venv/bin/python}"
 
 cli() { (cd "$ROOT" && "$PY" cli.py "$@"); }
 
@@ -28,9 +28,12 @@ evaluate_trained() {
 }
 
 evaluate() {  # row seconds checkpoint [checkpoint ...]: eval-trials (fused if several), scores and DET in $OUT/row.*
+  # EVAL_OPTIONS: more eval-trials options, e.g. "--score_norm asnorm --cohort_dir DIR" (split on spaces).
   local row="$1" trained="$2" line args=()
   shift 2
   for checkpoint in "$@"; do args+=(--checkpoint_file "$checkpoint"); done
+  # shellcheck disable=SC2206  # a list of options
+  args+=(${EVAL_OPTIONS:-})
   mkdir -p "$(dirname "$OUT/$row")"
   line="$(cli eval-trials --trials "$TRIALS" --audio_root "$TEST_ROOT" "${args[@]}" \
           --scores_file "$OUT/$row.scores.csv" --det_plot "$OUT/$row.det.png" | grep 'EER = ' | tail -1)"
