@@ -35,7 +35,6 @@ VAL_SPEAKERS="${VAL_SPEAKERS:-20}"
 ECAPA_CHANNELS="${ECAPA_CHANNELS:-256}"
 ASNORM_TOP="${ASNORM_TOP:-100}"
 CHANNELS_TRIALS="$DATA/trials/librispeech-test-other-channels.txt"
-declare -A NAMES=([rescnn]=ResCNN [tdnn]=TDNN [gru]=GRU [ecapa]=ECAPA)
 
 cache() {  # kind (clean or aug): builds once and prints the working dir holding that cache and its model inputs
   local base="$OUT/$1" options=()
@@ -53,11 +52,12 @@ has() { [[ "-$1-" == *"-$2-"* ]]; }  # row word: whether the row names that word
 model_of() { if has "$1" ecapa; then echo ecapa; else echo "$MODEL"; fi; }
 
 train() {  # row seed: trains the row's run of that seed (once) and prints its checkpoint prefix
-  local row="$1" seed="$2" wd="$OUT/accuracy/$1/seed$2" model options=() kind=clean phase=softmax
+  local row="$1" seed="$2" wd="$OUT/accuracy/$1/seed$2" model options=() kind=clean phase=softmax prefix
   model="$(model_of "$row")"
   has "$row" semihard && phase=triplets
-  if [ -f "$wd/checkpoints-$phase/${NAMES[$model]}.done" ]; then
-    echo "$wd/checkpoints-$phase/${NAMES[$model]}"
+  prefix="$wd/checkpoints-$phase/${NAMES[$model]}"
+  if [ -f "$prefix.done" ]; then
+    echo "$prefix"
     return
   fi
   has "$row" aug && kind=aug
@@ -75,8 +75,8 @@ train() {  # row seed: trains the row's run of that seed (once) and prints its c
         --epochs "$SOFTMAX_EPOCHS" --steps_per_epoch "$STEPS" --width "$WIDTH" --average_last "$AVERAGE_LAST" \
         --seed "$seed" "${options[@]}" >&2
   fi
-  touch "$wd/checkpoints-$phase/${NAMES[$model]}.done"
-  echo "$wd/checkpoints-$phase/${NAMES[$model]}"
+  touch "$prefix.done"
+  echo "$prefix"
 }
 
 both_lists() {  # row seconds checkpoint...: evaluate on test-other and on test-other-channels
@@ -84,6 +84,13 @@ both_lists() {  # row seconds checkpoint...: evaluate on test-other and on test-
   shift
   evaluate "${row/\{list\}/test-other}" "$@"
   TRIALS="$CHANNELS_TRIALS" TEST_ROOT="$DATA" evaluate "${row/\{list\}/channels}" "$@"
+}
+
+normed() {  # norm row seconds checkpoint...: both_lists with eval-trials --score_norm norm (none, mean or asnorm)
+  local norm="$1"
+  shift
+  if [ "$norm" = none ]; then both_lists "$@"
+  else EVAL_OPTIONS="--score_norm $norm --cohort_dir $OUT/clean --asnorm_top $ASNORM_TOP" both_lists "$@"; fi
 }
 
 declare -A PREFIX
@@ -102,8 +109,7 @@ for row in $BACKEND_ROWS; do
       if [ "$backend" = averaged ]; then
         both_lists "accuracy/$row+averaged/{list}/seed$seed" - "${prefix}_averaged.keras"
       else
-        EVAL_OPTIONS="--score_norm $backend --cohort_dir $OUT/clean --asnorm_top $ASNORM_TOP" \
-            both_lists "accuracy/$row+$backend/{list}/seed$seed" - "${prefix}_best.keras"
+        normed "$backend" "accuracy/$row+$backend/{list}/seed$seed" - "${prefix}_best.keras"
       fi
     done
   done
@@ -113,9 +119,9 @@ for fusion in $FUSIONS; do
   for seed in $SEEDS; do
     checkpoints=("$(train "${fusion%%+*}" "$seed")_best.keras" "$(train "${fusion#*+}" "$seed")_best.keras")
     for norm in $FUSION_NORMS; do
-      if [ "$norm" = none ]; then both_lists "accuracy/$fusion/{list}/seed$seed" - "${checkpoints[@]}"
-      else EVAL_OPTIONS="--score_norm $norm --cohort_dir $OUT/clean --asnorm_top $ASNORM_TOP" \
-          both_lists "accuracy/$fusion+$norm/{list}/seed$seed" - "${checkpoints[@]}"; fi
+      name="$fusion+$norm"
+      [ "$norm" = none ] && name="$fusion"
+      normed "$norm" "accuracy/$name/{list}/seed$seed" - "${checkpoints[@]}"
     done
   done
 done

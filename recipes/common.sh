@@ -10,6 +10,8 @@ TRIALS="$DATA/trials/librispeech-test-other.txt"
 TEST_ROOT="$DATA/LibriSpeech/test-other"
 PY="${PY:-$ROOT/.venv/bin/python}"
 
+declare -A NAMES=([rescnn]=ResCNN [tdnn]=TDNN [gru]=GRU [ecapa]=ECAPA)  # the checkpoint name of each --model
+
 cli() { (cd "$ROOT" && "$PY" cli.py "$@"); }
 
 seconds() {  # the training wall time in a <Model>_state.json

@@ -13,7 +13,6 @@ LOSSES="${LOSSES:-softmax amsoftmax aamsoftmax}"
 AUGMENT="${AUGMENT:-}"
 TRAIN_OPTIONS="${TRAIN_OPTIONS:-}"
 TAG="${TAG:-}"
-declare -A NAMES=([rescnn]=ResCNN [tdnn]=TDNN [gru]=GRU [ecapa]=ECAPA)
 if [ -n "$AUGMENT" ]; then BASE="$OUT/channels-${AUGMENT//,/-}"; CACHE_OPTIONS=(--augment "$AUGMENT")
 else BASE="$OUT/clean"; CACHE_OPTIONS=(); fi
 mkdir -p "$BASE"
