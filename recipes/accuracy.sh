@@ -33,8 +33,6 @@ AUGMENT="${AUGMENT:-reverb,telephone,babble,white}"
 AVERAGE_LAST="${AVERAGE_LAST:-3}"
 VAL_SPEAKERS="${VAL_SPEAKERS:-20}"
 ECAPA_CHANNELS="${ECAPA_CHANNELS:-256}"
-ASNORM_TOP="${ASNORM_TOP:-100}"
-CHANNELS_TRIALS="$DATA/trials/librispeech-test-other-channels.txt"
 
 cache() {  # kind (clean or aug): builds once and prints the working dir holding that cache and its model inputs
   local base="$OUT/$1" options=()
@@ -77,20 +75,6 @@ train() {  # row seed: trains the row's run of that seed (once) and prints its c
   fi
   touch "$prefix.done"
   echo "$prefix"
-}
-
-both_lists() {  # row seconds checkpoint...: evaluate on test-other and on test-other-channels
-  local row="$1"
-  shift
-  evaluate "${row/\{list\}/test-other}" "$@"
-  TRIALS="$CHANNELS_TRIALS" TEST_ROOT="$DATA" evaluate "${row/\{list\}/channels}" "$@"
-}
-
-normed() {  # norm row seconds checkpoint...: both_lists with eval-trials --score_norm norm (none, mean or asnorm)
-  local norm="$1"
-  shift
-  if [ "$norm" = none ]; then both_lists "$@"
-  else EVAL_OPTIONS="--score_norm $norm --cohort_dir $OUT/clean --asnorm_top $ASNORM_TOP" both_lists "$@"; fi
 }
 
 declare -A PREFIX

@@ -8,6 +8,8 @@ TRIPLET_EPOCHS="${TRIPLET_EPOCHS:-4}"
 STEPS="${STEPS:-50}"
 TRIALS="$DATA/trials/librispeech-test-other.txt"
 TEST_ROOT="$DATA/LibriSpeech/test-other"
+CHANNELS_TRIALS="$DATA/trials/librispeech-test-other-channels.txt"  # its audio root: $DATA
+ASNORM_TOP="${ASNORM_TOP:-100}"
 PY="${PY:-$ROOT/.venv/bin/python}"
 
 declare -A NAMES=([rescnn]=ResCNN [tdnn]=TDNN [gru]=GRU [ecapa]=ECAPA)  # the checkpoint name of each --model
@@ -40,9 +42,27 @@ evaluate() {  # row seconds checkpoint [checkpoint ...]: eval-trials (fused if s
   line="$(cli eval-trials --trials "$TRIALS" --audio_root "$TEST_ROOT" "${args[@]}" \
           --scores_file "$OUT/$row.scores.csv" --det_plot "$OUT/$row.det.png" | grep 'EER = ' | tail -1)"
   echo "$row: $line (trained $trained s)" >&2
-  touch "$OUT/results.csv"
-  grep -v "^$row," "$OUT/results.csv" > "$OUT/results.csv.tmp" || true
-  mv "$OUT/results.csv.tmp" "$OUT/results.csv"
-  echo "$row,$(echo "$line" | sed -E 's/EER = ([0-9.]+) %, minDCF\(p_target=0.01\) = ([0-9.]+)/\1,\2/'),$trained,$*" \
-    >> "$OUT/results.csv"
+  (  # under a lock: recipes running side by side on one $OUT share its results.csv
+    flock 9
+    touch "$OUT/results.csv"
+    grep -v "^$row," "$OUT/results.csv" > "$OUT/results.csv.tmp" || true
+    mv "$OUT/results.csv.tmp" "$OUT/results.csv"
+    echo "$row,$(echo "$line" | sed -E 's/EER = ([0-9.]+) %, minDCF\(p_target=0.01\) = ([0-9.]+)/\1,\2/'),$trained,$*" \
+      >> "$OUT/results.csv"
+  ) 9> "$OUT/results.csv.lock"
+}
+
+both_lists() {  # row seconds checkpoint...: evaluate on test-other and on test-other-channels ({list} in row)
+  local row="$1"
+  shift
+  evaluate "${row/\{list\}/test-other}" "$@"
+  TRIALS="$CHANNELS_TRIALS" TEST_ROOT="$DATA" evaluate "${row/\{list\}/channels}" "$@"
+}
+
+normed() {  # norm row seconds checkpoint...: both_lists with eval-trials --score_norm norm (none, mean or asnorm),
+  # against the training speakers of $OUT/clean
+  local norm="$1"
+  shift
+  if [ "$norm" = none ]; then both_lists "$@"
+  else EVAL_OPTIONS="--score_norm $norm --cohort_dir $OUT/clean --asnorm_top $ASNORM_TOP" both_lists "$@"; fi
 }
