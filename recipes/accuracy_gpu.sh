@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU rows of README "How far 251 speakers go with a GPU's budget": models trained by recipes/train_gpu_jax.py
-# on a lent GPU, evaluated here on both dev lists as recipes/accuracy.sh's rows are, plain and AS-normed against
-# the training speakers of $OUT/clean, into $OUT/results.csv as accuracy/gpu-<name>-<step>[+asnorm]/<list>/seed<N>.
+# on a lent GPU, evaluated here on both dev lists as recipes/accuracy.sh's rows are, with each of NORMS (default
+# "none asnorm": plain and AS-normed against the training speakers of $OUT/clean), into $OUT/results.csv as
+# accuracy/gpu-<name>-<step>[+<norm>]/<list>/seed<N>.
 #   python recipes/train_gpu_jax.py pack --degraded_fraction 0.3 "$OUT/aug" .gpudata/aug.npz       # here
 #   for seed in 1 2 3; do KERAS_BACKEND=jax python recipes/train_gpu_jax.py train .gpudata/aug.npz "$RUNS" \
 #       --channels 512 --batch 256 --steps 3000 --spec_augment --seed $seed; done              # on the GPU
@@ -14,6 +15,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 RUNS="${RUNS-}"
 FUSIONS="${FUSIONS:-}"
 SEEDS="${SEEDS:-1 2 3}"
+NORMS="${NORMS:-none asnorm}"
 
 trained_seconds() {  # run.json: the seconds of its last logged step, compilation included
   "$PY" -c 'import json, sys; print(round(json.load(open(sys.argv[1]))["log"][-1]["seconds"]))' "$1"
@@ -30,9 +32,12 @@ checkpoint_of() {  # row seed: the checkpoint that row's run of that seed is sco
   fi
 }
 
-both_norms() {  # row seed seconds checkpoint...: both lists, plain and AS-normed (row+asnorm)
-  normed none "accuracy/$1/{list}/seed$2" "$3" "${@:4}"
-  normed asnorm "accuracy/$1+asnorm/{list}/seed$2" - "${@:4}"
+both_norms() {  # row seed seconds checkpoint...: both lists, scored with each of $NORMS (row, row+asnorm, ...)
+  local norm
+  for norm in $NORMS; do
+    if [ "$norm" = none ]; then normed none "accuracy/$1/{list}/seed$2" "$3" "${@:4}"
+    else normed "$norm" "accuracy/$1+$norm/{list}/seed$2" - "${@:4}"; fi
+  done
 }
 
 mkdir -p "$OUT/gpu"
