@@ -93,7 +93,7 @@ for row in $BACKEND_ROWS; do
       if [ "$backend" = averaged ]; then
         both_lists "accuracy/$row+averaged/{list}/seed$seed" - "${prefix}_averaged.keras"
       else
-        normed "$backend" "accuracy/$row+$backend/{list}/seed$seed" - "${prefix}_best.keras"
+        scored "$backend" "$row" "$seed" - "${prefix}_best.keras"
       fi
     done
   done
@@ -102,10 +102,6 @@ done
 for fusion in $FUSIONS; do
   for seed in $SEEDS; do
     checkpoints=("$(train "${fusion%%+*}" "$seed")_best.keras" "$(train "${fusion#*+}" "$seed")_best.keras")
-    for norm in $FUSION_NORMS; do
-      name="$fusion+$norm"
-      [ "$norm" = none ] && name="$fusion"
-      normed "$norm" "accuracy/$name/{list}/seed$seed" - "${checkpoints[@]}"
-    done
+    for norm in $FUSION_NORMS; do scored "$norm" "$fusion" "$seed" - "${checkpoints[@]}"; done
   done
 done

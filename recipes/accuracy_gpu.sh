@@ -34,10 +34,7 @@ checkpoint_of() {  # row seed: the checkpoint that row's run of that seed is sco
 
 both_norms() {  # row seed seconds checkpoint...: both lists, scored with each of $NORMS (row, row+asnorm, ...)
   local norm
-  for norm in $NORMS; do
-    if [ "$norm" = none ]; then normed none "accuracy/$1/{list}/seed$2" "$3" "${@:4}"
-    else normed "$norm" "accuracy/$1+$norm/{list}/seed$2" - "${@:4}"; fi
-  done
+  for norm in $NORMS; do scored "$norm" "$@"; done
 }
 
 mkdir -p "$OUT/gpu"

@@ -66,3 +66,11 @@ normed() {  # norm row seconds checkpoint...: both_lists with eval-trials --scor
   if [ "$norm" = none ]; then both_lists "$@"
   else EVAL_OPTIONS="--score_norm $norm --cohort_dir $OUT/clean --asnorm_top $ASNORM_TOP" both_lists "$@"; fi
 }
+
+scored() {  # norm row seed seconds checkpoint...: normed, as accuracy/<row>[+<norm>]/{list}/seed<seed> (no +none);
+  # a normalised row has no training seconds
+  local norm="$1" row="$2" seed="$3" seconds="$4"
+  shift 4
+  [ "$norm" = none ] || row="$row+$norm" seconds=-
+  normed "$norm" "accuracy/$row/{list}/seed$seed" "$seconds" "$@"
+}
