@@ -141,8 +141,7 @@ def train(features, out_dir, model_name, channels, width, loss, batch, steps, sa
     import jax
     import keras
 
-    from conv_models import MODELS
-    from losses import classification_loss, head_of
+    from losses import classification_loss
     keras.utils.set_random_seed(seed)
     keras.mixed_precision.set_global_policy(precision)
     data = np.load(features)
@@ -150,8 +149,8 @@ def train(features, out_dir, model_name, channels, width, loss, batch, steps, sa
     if clean_only:
         lengths = np.where(data['degraded'], 0, lengths)  # too short for a window: never drawn
     options = {'width': width, **({'channels': channels} if model_name == 'ecapa' else {})}
-    speaker_model = MODELS[model_name](include_softmax=True, num_speakers_softmax=int(labels.max()) + 1,
-                                       head=head_of(loss), **options)
+    run = {'model': model_name, 'options': options, 'loss': loss, 'speakers': int(labels.max()) + 1}
+    speaker_model = classifier(run)
     model = speaker_model.m
     schedule = keras.optimizers.schedules.CosineDecay(SOFTMAX_LEARNING_RATE, steps,
                                                       alpha=MIN_LEARNING_RATE / SOFTMAX_LEARNING_RATE)
@@ -180,10 +179,18 @@ def train(features, out_dir, model_name, channels, width, loss, batch, steps, sa
             logger.warning('%s: --max_seconds %s reached; saved and stopped at step %d.', name, max_seconds, step)
             break
     (out / f'{name}.json').write_text(json.dumps({
-        'model': model_name, 'options': options, 'loss': loss, 'batch': batch, 'steps': steps, 'precision': precision,
-        'spec_augment': spec_augment, 'clean_only': clean_only, 'seed': seed, 'speakers': int(labels.max()) + 1,
-        'compile_s': compiled,
-        'device': jax.devices()[0].device_kind, 'log': log}, indent=1))
+        **run, 'batch': batch, 'steps': steps, 'precision': precision, 'spec_augment': spec_augment,
+        'clean_only': clean_only, 'seed': seed, 'compile_s': compiled, 'device': jax.devices()[0].device_kind,
+        'log': log}, indent=1))
+
+
+def classifier(run: dict):
+    """The SpeakerModel with a classification head that a run trains: run['model'] (a --model name) built with
+    run['options'], a head over run['speakers'] for run['loss']."""
+    from conv_models import MODELS
+    from losses import head_of
+    return MODELS[run['model']](include_softmax=True, num_speakers_softmax=run['speakers'], head=head_of(run['loss']),
+                                **run['options'])
 
 
 def float16_weights(model) -> dict[str, np.ndarray]:
@@ -194,11 +201,8 @@ def float16_weights(model) -> dict[str, np.ndarray]:
 
 def restored_model(weights: Path):
     """The model of `weights` (<name>_<step>.npz of train, <name>.json beside it) with those weights, float32."""
-    from conv_models import MODELS
-    from losses import head_of
     run = json.loads(weights.with_name(weights.stem.rsplit('_', 1)[0] + '.json').read_text())
-    model = MODELS[run['model']](include_softmax=True, num_speakers_softmax=run['speakers'],
-                                 head=head_of(run['loss']), **run['options']).m
+    model = classifier(run).m
     saved = np.load(weights)
     for layer in model.layers:
         if layer.weights:
